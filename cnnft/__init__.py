@@ -1,0 +1,3 @@
+"""cnnft: train convolutional networks and measure what their layers learn."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,116 @@
+"""The LightningModule that trains CaffeNet: pretraining (N-way) and fine-tuning (21-way).
+
+Logged keys:
+
+=====================  ==================================================
+``train/loss``         cross-entropy of the training batch (each step)
+``train/skipped``      images skipped as corrupt so far (``skip_corrupt``)
+``val/loss``           mean cross-entropy on the validation set
+``val/top1``           top-1 accuracy; ``val/top5`` top-5 (>= 5 classes)
+=====================  ==================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from cnnft import __version__
+from cnnft.checkpoint import load_pretrained
+from cnnft.data.sampling import rng_for
+from cnnft.freeze import FreezeScheme, apply_freeze, frozen_modules
+from cnnft.models.caffenet import CaffeNet
+from cnnft.optim import caffe_sgd
+
+
+class CaffeNetModule(L.LightningModule):
+    """CaffeNet + Caffe's solver + a freezing scheme.
+
+    Args:
+        num_classes: fc8 width (from the data module).
+        net: ``CaffeNet`` keyword arguments (``width``, ``input_size``, ``dropout``).
+        optim: ``lr``, ``momentum``, ``weight_decay``, ``lr_step``, ``gamma``, and ``lr_mult``
+            (layer -> multiplier; fine-tuning gives the new fc8 10x).
+        freeze: a ``FreezeScheme`` as a dict (``name``, ``frozen``, ``reinit``).
+        pretrained: checkpoint whose weights initialise every layer but fc8, or None.
+        channels_last: run convolutions in NHWC memory format (faster on CPU).
+        seed: base of the per-step dropout seeds (exact resume).
+        run_config: the resolved run config, stored in every checkpoint.
+    """
+
+    def __init__(self, num_classes: int, net: dict[str, Any], optim: dict[str, Any],
+                 freeze: dict[str, Any] | None = None, pretrained: str | None = None,
+                 channels_last: bool = True, seed: int = 0,
+                 run_config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.net = CaffeNet(num_classes, **net)
+        if pretrained:
+            load_pretrained(self.net, pretrained)
+        self.scheme = FreezeScheme(**(freeze or {}))
+        apply_freeze(self.net, self.scheme)
+        self.optim_cfg, self.seed, self.channels_last = dict(optim), seed, channels_last
+        self.run_config = run_config or {}
+        self.arch = {"width": self.net.width, "input_size": self.net.input_size,
+                     "num_classes": num_classes}
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.val_loss = MeanMetric()
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top5 = (MulticlassAccuracy(num_classes, top_k=5, average="micro")
+                         if num_classes >= 5 else None)
+        self.register_buffer("skipped", torch.zeros((), dtype=torch.long), persistent=True)
+
+    def train(self, mode: bool = True) -> CaffeNetModule:
+        """Frozen layers stay in eval mode whatever Lightning asks."""
+        super().train(mode)
+        for module in frozen_modules(self.net, self.scheme.frozen):
+            module.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.net(images)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # dropout draws from the global RNG: seed it from the step so a resumed run is exact
+        seed = rng_for(self.seed, 3, self.global_step, self.global_rank).integers(2**62)
+        torch.manual_seed(int(seed))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        self.skipped += batch["skipped"].to(self.skipped.device)
+        if self.skipped > 0:
+            self.log("train/skipped", self.skipped.float(), reduce_fx="max")
+        if batch["images"].numel() == 0:
+            return None
+        loss = F.cross_entropy(self(batch["images"]), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        if batch["images"].numel() == 0:
+            return
+        logits = self(batch["images"])
+        labels = batch["labels"]
+        self.val_loss.update(F.cross_entropy(logits, labels), weight=len(labels))
+        self.val_top1.update(logits, labels)
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/top1", self.val_top1, prog_bar=True)
+        if self.val_top5 is not None:
+            self.val_top5.update(logits, labels)
+            self.log("val/top5", self.val_top5)
+
+    def configure_optimizers(self) -> dict:
+        return caffe_sgd(self.net, **self.optim_cfg)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["cnnft"] = {"version": __version__, "arch": self.arch,
+                               "freeze": {"name": self.scheme.name,
+                                          "frozen": list(self.scheme.frozen),
+                                          "reinit": list(self.scheme.reinit)},
+                               "config": self.run_config}

@@ -1,0 +1,131 @@
+"""``cnnft-train``: one Hydra job = one training stage (pretrain or finetune).
+
+A thin ``@hydra.main`` wrapper around :func:`train`, which composes the data module, the
+module, the callbacks and the loggers from the config and runs ``Trainer.fit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from cnnft.callbacks import AtomicCheckpointIO
+from cnnft.checkpoint import read_checkpoint
+from cnnft.data.demo import generate_demo
+from cnnft.errors import ConfigError
+from cnnft.io import atomic_write
+
+log = logging.getLogger(__name__)
+
+#: Config keys that define a run: resuming into a directory whose run differs in any of them
+#: is refused.
+RUN_IDENTITY = ("stage", "scale.name", "model", "datamodule", "module", "freeze", "seed")
+
+
+def plain(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain Python containers (safe for ``weights_only`` loading)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+
+
+def _select(cfg: dict[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for key in dotted.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from, after checking the directory holds this same run."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if not cfg.resume:
+        if last.exists():
+            raise ConfigError(f"{output_dir} already holds a run ({last}); pass resume=true to "
+                              "continue it or choose another hydra.run.dir")
+        return None
+    if not last.exists():
+        raise ConfigError(f"resume=true but {last} does not exist; expected the run directory "
+                          "of an earlier cnnft-train job as hydra.run.dir")
+    saved = read_checkpoint(last).get("cnnft", {}).get("config")
+    if saved is None:
+        raise ConfigError(f"{last} is not a cnnft checkpoint; cannot resume from it")
+    now = plain(cfg)
+    differ = [k for k in RUN_IDENTITY if _select(saved, k) != _select(now, k)]
+    if differ:
+        raise ConfigError(f"{output_dir} holds another run: its config differs from this one in "
+                          f"{differ}; resume with the same settings or choose another directory")
+    return last
+
+
+def prepare_demo_data(cfg: DictConfig) -> None:
+    """Write the demo data set on first use (scale=demo)."""
+    if cfg.data.get("generate_demo") and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        generate_demo(Path(cfg.paths.data_dir) / "demo")
+
+
+def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
+    """The configured logger, plus a CSV copy of the metrics; CSV alone if W&B is missing."""
+    loggers = []
+    if cfg.get("logger"):
+        try:
+            loggers.append(instantiate(cfg.logger))
+        except (ImportError, ModuleNotFoundError) as e:
+            log.warning("logger %s unavailable (%s); falling back to CSV", cfg.logger._target_, e)
+    if not any(isinstance(lg, L.pytorch.loggers.CSVLogger) for lg in loggers):
+        loggers.append(L.pytorch.loggers.CSVLogger(output_dir, name="csv", version=""))
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Instantiate every named entry of ``callbacks`` (a null entry is dropped)."""
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+
+
+@rank_zero_only
+def save_config(cfg: DictConfig, output_dir: Path) -> None:
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    atomic_write(output_dir / "config.yaml", lambda tmp: tmp.write_text(text))
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Run one stage; return the final metrics and the objects used."""
+    output_dir = Path(cfg.paths.output_dir)
+    if cfg.stage.name == "finetune" and not cfg.pretrained:
+        raise ConfigError("stage=finetune needs pretrained=PATH: a cnnft checkpoint (e.g. "
+                          "outputs/pretrain/<run>/checkpoints/last.ckpt) or a CaffeNet state dict")
+    ckpt_path = resume_checkpoint(cfg, output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    prepare_demo_data(cfg)
+    datamodule = instantiate(cfg.datamodule)
+    module = instantiate(cfg.module, num_classes=datamodule.num_classes, freeze=plain(cfg.freeze),
+                         run_config=plain(cfg), _convert_="all", _recursive_=False)
+    loggers = build_loggers(cfg, output_dir)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers,
+                                     plugins=[AtomicCheckpointIO()])
+    save_config(cfg, output_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics, _ = train(cfg)
+    finally:
+        import sys
+
+        if "wandb" in sys.modules:  # never let multirun jobs merge into one W&B run
+            sys.modules["wandb"].finish()
+    return metrics.get("val/top1")
+
+
+if __name__ == "__main__":
+    main()
