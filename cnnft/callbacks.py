@@ -56,4 +56,5 @@ class IterationSnapshots(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         if trainer.global_step in self.iterations:  # every rank calls: saving is collective
-            trainer.save_checkpoint(self.dirpath / snapshot_name(trainer.global_step))
+            trainer.save_checkpoint(self.dirpath / snapshot_name(trainer.global_step),
+                                    weights_only=False)

@@ -13,14 +13,15 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from cnnft.callbacks import AtomicCheckpointIO
 from cnnft.checkpoint import read_checkpoint
-from cnnft.data.demo import generate_demo
-from cnnft.errors import ConfigError
+from cnnft.data.demo import DemoSpec, generate_demo
+from cnnft.errors import CnnftError, ConfigError
 from cnnft.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,16 @@ log = logging.getLogger(__name__)
 #: Config keys that define a run: resuming into a directory whose run differs in any of them
 #: is refused.
 RUN_IDENTITY = ("stage", "scale.name", "model", "datamodule", "module", "freeze", "seed")
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets cnnft's own input errors through unwrapped."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, CnnftError):
+            raise e.__cause__ from None
+        raise
 
 
 def plain(cfg: DictConfig) -> dict[str, Any]:
@@ -45,10 +56,14 @@ def _select(cfg: dict[str, Any], dotted: str) -> Any:
 def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Path | None:
     """The checkpoint to resume from, after checking the directory holds this same run."""
     last = output_dir / "checkpoints" / "last.ckpt"
-    if not cfg.resume:
+    if cfg.resume not in (True, False, "auto"):
+        raise ConfigError(f"resume={cfg.resume!r}; expected true, false or auto")
+    if cfg.resume is False:
         if last.exists():
             raise ConfigError(f"{output_dir} already holds a run ({last}); pass resume=true to "
                               "continue it or choose another hydra.run.dir")
+        return None
+    if cfg.resume == "auto" and not last.exists():
         return None
     if not last.exists():
         raise ConfigError(f"resume=true but {last} does not exist; expected the run directory "
@@ -64,10 +79,20 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Path | None:
     return last
 
 
+def demo_spec(cfg: DictConfig) -> DemoSpec:
+    """``data.demo_spec`` as a DemoSpec (YAML lists become the tuples it holds)."""
+
+    def tuples(v: Any) -> Any:
+        return tuple(tuples(x) for x in v) if isinstance(v, list) else v
+
+    spec = OmegaConf.to_container(cfg.data.get("demo_spec") or {})
+    return DemoSpec(**{k: tuples(v) for k, v in spec.items()})
+
+
 def prepare_demo_data(cfg: DictConfig) -> None:
     """Write the demo data set on first use (scale=demo)."""
     if cfg.data.get("generate_demo") and int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        generate_demo(Path(cfg.paths.data_dir) / "demo")
+        generate_demo(Path(cfg.paths.data_dir) / "demo", demo_spec(cfg))
 
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
@@ -103,8 +128,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     ckpt_path = resume_checkpoint(cfg, output_dir)
     L.seed_everything(cfg.seed, workers=True)
     prepare_demo_data(cfg)
-    datamodule = instantiate(cfg.datamodule)
-    module = instantiate(cfg.module, num_classes=datamodule.num_classes, freeze=plain(cfg.freeze),
+    datamodule = build(cfg.datamodule)
+    module = build(cfg.module, num_classes=datamodule.num_classes, freeze=plain(cfg.freeze),
                          run_config=plain(cfg), _convert_="all", _recursive_=False)
     loggers = build_loggers(cfg, output_dir)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers,

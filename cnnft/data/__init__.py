@@ -1,0 +1,1 @@
+"""Dataset readers (ImageNet and PASCAL VOC layouts), image decoding and the demo-data generator."""

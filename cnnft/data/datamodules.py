@@ -1,0 +1,200 @@
+"""Lightning DataModules: ImageNet-layout classification (pretraining) and VOC07 R-CNN windows
+(fine-tuning). Both read the real layouts; the demo data is written in the same layouts.
+
+Training loaders use the step-indexed samplers of ``cnnft.data.sampling`` (see there why), so
+``use_distributed_sampler`` must be off in the Trainer (``conf/trainer`` sets it); evaluation
+loaders are sharded with ``DistributedSampler`` under DDP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from cnnft.data.datasets import ClassificationDataset, WindowDataset, collate_skipping
+from cnnft.data.imagenet import scan_imagenet
+from cnnft.data.proposals import ProposalSettings, compute_proposals
+from cnnft.data.sampling import EpochSampler, ForegroundBackgroundSampler, StepSampler
+from cnnft.data.voc import VOC_CLASSES, VOCImage, load_voc
+from cnnft.data.windows import label_windows
+
+
+class StepDataLoader(DataLoader):
+    """A DataLoader over a ``StepSampler``. Its position is derived from the trainer's global
+    step (see ``cnnft.data.sampling``), so it is resumable with an empty state; the
+    ``state_dict``/``load_state_dict`` pair tells Lightning so."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class _StepDataModule(L.LightningDataModule):
+    """Shared loader plumbing: rank-aware step samplers for training, sharded evaluation."""
+
+    num_classes: int
+
+    def __init__(self, *, batch_size: int, num_workers: int, seed: int,
+                 eval_batch_size: int | None = None) -> None:
+        super().__init__()
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.eval_batch_size = eval_batch_size or batch_size
+
+    @property
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+
+    def _train_loader(self, dataset: Dataset, sampler: StepSampler) -> DataLoader:
+        if self.trainer is not None:
+            sampler.position = lambda: self.trainer.global_step
+        return StepDataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                              collate_fn=collate_skipping,
+                              persistent_workers=self.num_workers > 0)
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        rank, world = self._rank_world
+        sampler = DistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler,
+                          num_workers=self.num_workers, collate_fn=collate_skipping,
+                          persistent_workers=self.num_workers > 0)
+
+
+class ImageNetDataModule(_StepDataModule):
+    """``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/*.JPEG`` with Caffe augmentation."""
+
+    def __init__(self, root: str, *, resize: int = 256, crop: int = 227,
+                 mean: Sequence[float] = (122.68, 116.67, 104.01), mirror: bool = True,
+                 batch_size: int = 256, eval_batch_size: int | None = None, num_workers: int = 4,
+                 seed: int = 0, skip_corrupt: bool = False, max_val_samples: int | None = None
+                 ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed,
+                         eval_batch_size=eval_batch_size)
+        self.root, self.resize, self.crop, self.mean = Path(root), resize, crop, tuple(mean)
+        self.mirror, self.skip_corrupt, self.max_val_samples = mirror, skip_corrupt, max_val_samples
+        self.classes: list[str] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.classes:
+            return
+        train, self.classes = scan_imagenet(self.root, "train")
+        val, _ = scan_imagenet(self.root, "val", classes=self.classes)
+        if self.max_val_samples:
+            val = val[:: max(1, len(val) // self.max_val_samples)][: self.max_val_samples]
+        common = dict(resize=self.resize, crop=self.crop, mean=self.mean,
+                      skip_corrupt=self.skip_corrupt)
+        self.train_set = ClassificationDataset(train, train=True, mirror=self.mirror, **common)
+        self.val_set = ClassificationDataset(val, train=False, **common)
+
+    @property
+    def num_classes(self) -> int:
+        if not self.classes:
+            self.setup()
+        return len(self.classes)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world
+        sampler = EpochSampler(len(self.train_set), self.batch_size, self.seed, rank, world)
+        return self._train_loader(self.train_set, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+
+def build_windows(images: Sequence[VOCImage], proposals: dict[str, np.ndarray], *,
+                  fg_threshold: float, use_difficult: bool
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flatten the labelled windows of all images: ``(image_index, boxes, labels)``."""
+    index, boxes, labels = [], [], []
+    for i, im in enumerate(images):
+        ignore = np.zeros_like(im.difficult) if use_difficult else im.difficult
+        w = label_windows(proposals[im.image_id], im.boxes, im.labels, ignore, fg_threshold)
+        index.append(np.full(len(w.labels), i))
+        boxes.append(w.boxes)
+        labels.append(w.labels)
+    return np.concatenate(index), np.concatenate(boxes), np.concatenate(labels)
+
+
+class VOCWindowsDataModule(_StepDataModule):
+    """R-CNN fine-tuning windows of a VOC07 devkit: ``fg_per_batch`` windows with IoU >=
+    ``fg_threshold`` to a ground-truth box (labelled with its class, 1..20) and the rest
+    background (label 0), sampled with replacement; validation on a fixed sample of windows
+    of ``val_split`` drawn the same way.
+
+    "Difficult" objects: with ``use_difficult=False`` (default) they are not training windows,
+    and proposals whose best match is a difficult object (IoU >= fg_threshold) are dropped.
+    """
+
+    def __init__(self, root: str, *, cache_dir: str, proposals: dict[str, Any] | None = None,
+                 train_split: str = "trainval", val_split: str = "test", crop: int = 227,
+                 context_pad: int = 16, mean: Sequence[float] = (122.68, 116.67, 104.01),
+                 mirror: bool = True, batch_size: int = 128, fg_per_batch: int = 32,
+                 fg_threshold: float = 0.5, use_difficult: bool = False, val_batches: int = 10,
+                 eval_batch_size: int | None = None, num_workers: int = 4,
+                 proposal_workers: int = 2, seed: int = 0, skip_corrupt: bool = False) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed,
+                         eval_batch_size=eval_batch_size)
+        self.root, self.cache_dir = Path(root), Path(cache_dir)
+        self.proposal_settings = ProposalSettings(**(proposals or {}))
+        self.train_split, self.val_split = train_split, val_split
+        self.crop, self.context_pad, self.mean, self.mirror = crop, context_pad, tuple(mean), mirror
+        self.fg_per_batch, self.fg_threshold = fg_per_batch, fg_threshold
+        self.use_difficult, self.val_batches = use_difficult, val_batches
+        self.proposal_workers, self.skip_corrupt = proposal_workers, skip_corrupt
+        self.classes = list(VOC_CLASSES)
+        self._sets: dict[str, WindowDataset] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) + 1  # + background
+
+    def _proposals(self, images: Sequence[VOCImage]) -> dict[str, np.ndarray]:
+        return compute_proposals([(im.image_id, im.path) for im in images], self.cache_dir,
+                                 self.proposal_settings, workers=self.proposal_workers)
+
+    def prepare_data(self) -> None:
+        for split in (self.train_split, self.val_split):
+            self._proposals(load_voc(self.root, split))
+
+    def _windows(self, split: str, mirror: bool) -> WindowDataset:
+        images = load_voc(self.root, split)
+        index, boxes, labels = build_windows(images, self._proposals(images),
+                                             fg_threshold=self.fg_threshold,
+                                             use_difficult=self.use_difficult)
+        return WindowDataset([im.path for im in images], index, boxes, labels, crop=self.crop,
+                             pad=self.context_pad, mean=self.mean, mirror=mirror,
+                             skip_corrupt=self.skip_corrupt)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._sets:
+            return
+        self._sets["train"] = self._windows(self.train_split, self.mirror)
+        val = self._windows(self.val_split, False)
+        sampler = self._sampler(val, rank=0, world=1, seed=self.seed + 1)
+        keep = np.concatenate([sampler.global_batch(s) for s in range(self.val_batches)])
+        keep = np.unique(keep)  # a fixed sample; duplicates of with-replacement draws removed
+        self._sets["val"] = WindowDataset(val.image_paths, val.image_index[keep], val.boxes[keep],
+                                          val.labels[keep], crop=self.crop, pad=self.context_pad,
+                                          mean=self.mean, mirror=False,
+                                          skip_corrupt=self.skip_corrupt)
+
+    def _sampler(self, windows: WindowDataset, *, rank: int, world: int,
+                 seed: int) -> ForegroundBackgroundSampler:
+        labels = windows.labels
+        return ForegroundBackgroundSampler(np.flatnonzero(labels > 0), np.flatnonzero(labels == 0),
+                                           self.batch_size, self.fg_per_batch, seed, rank, world)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world
+        train = self._sets["train"]
+        return self._train_loader(train, self._sampler(train, rank=rank, world=world, seed=self.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self._sets["val"])

@@ -1,0 +1,501 @@
+"""Deterministic generator of the demo data, written in the real ImageNet and VOC2007 layouts.
+
+Images are built from a vocabulary of primitives: shapes x colours x textures. Each ImageNet-like
+class (wnid ``n{c:08d}``) is one (shape, colour, texture) combination shown once per image on a
+cluttered background with smaller distractors; each of the 20 VOC classes is another combination,
+never used by an ImageNet-like class, so the two tasks share primitives but not classes. Distractors
+and clutter use the remaining combinations. Every image is seeded from (seed, split, index), so the
+output bytes depend only on the :class:`DemoSpec`, not on scheduling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from cnnft.data.voc import VOC_CLASSES
+from cnnft.errors import ConfigError, DataError
+
+GENERATOR_VERSION = 1
+MANIFEST = "demo.json"
+
+Combo = tuple[str, str, str]  # (shape, colour, texture)
+
+
+def _circle(
+    radius: float = 1.0, center: tuple[float, float] = (0.0, 0.0), n: int = 48
+) -> np.ndarray:
+    t = np.linspace(0.0, 2 * np.pi, n, endpoint=False)
+    return np.stack([center[0] + radius * np.cos(t), center[1] + radius * np.sin(t)], axis=1)
+
+
+def _star(points: int, inner: float) -> np.ndarray:
+    t = np.arange(2 * points) * np.pi / points - np.pi / 2
+    r = np.where(np.arange(2 * points) % 2 == 0, 1.0, inner)
+    return np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
+
+
+_CROSS = [(-1, -0.3), (-0.3, -0.3), (-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3),
+          (1, 0.3), (0.3, 0.3), (0.3, 1), (-0.3, 1), (-0.3, 0.3), (-1, 0.3)]  # fmt: skip
+
+# Each shape is a list of (polygon in unit coordinates, fill value): 255 paints, 0 cuts a hole.
+SHAPES: dict[str, list[tuple[np.ndarray, int]]] = {
+    "disc": [(_circle(), 255)],
+    "square": [(np.array([(-1, -1), (1, -1), (1, 1), (-1, 1)]) * 0.72, 255)],
+    "triangle": [(_circle(n=3), 255)],
+    "ring": [(_circle(), 255), (_circle(0.55), 0)],
+    "cross": [(np.array(_CROSS, dtype=float), 255)],
+    "star": [(_star(5, 0.42), 255)],
+    "diamond": [(np.array([(0, -1), (0.55, 0), (0, 1), (-0.55, 0)]), 255)],
+    "bar": [(np.array([(-1, -0.32), (1, -0.32), (1, 0.32), (-1, 0.32)]), 255)],
+    "hexagon": [(_circle(n=6), 255)],
+    "crescent": [(_circle(), 255), (_circle(0.85, (0.45, 0.0)), 0)],
+}
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 225), "yellow": (235, 215, 40),
+    "magenta": (205, 50, 205), "cyan": (40, 205, 215), "orange": (245, 135, 30),
+    "white": (238, 238, 238),
+}  # fmt: skip
+# Textures are drawn in image axes and all are invariant under horizontal flips (up to phase), so
+# mirror augmentation never turns one class into another.
+_PATTERNS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "solid": lambda u, v: np.ones((1, 1), bool),
+    "vstripes": lambda u, v: u % 1 < 0.5,
+    "hstripes": lambda u, v: v % 1 < 0.5,
+    "checker": lambda u, v: (u % 1 < 0.5) == (v % 1 < 0.5),
+    "argyle": lambda u, v: ((u + v) % 1 < 0.5) == ((u - v) % 1 < 0.5),
+    "dots": lambda u, v: (u % 1 - 0.5) ** 2 + (v % 1 - 0.5) ** 2 > 0.09,
+    "grid": lambda u, v: (u % 1 > 0.2) & (v % 1 > 0.2),
+}
+TEXTURES: tuple[str, ...] = tuple(_PATTERNS)
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """Settings of the demo data; sizes are (width, height) in pixels."""
+
+    seed: int = 0
+    imagenet_classes: int = 40
+    imagenet_train_per_class: int = 80
+    imagenet_val_per_class: int = 10
+    imagenet_size: tuple[int, int] = (184, 184)  # like Caffe's 256x256 warp, scaled to the demo net
+    voc_trainval: int = 200
+    voc_test: int = 200
+    # ((min W, max W), (min H, max H)), both inclusive
+    voc_size_range: tuple[tuple[int, int], tuple[int, int]] = ((160, 240), (120, 180))
+    max_objects: int = 4
+    jpeg_quality: int = 90
+
+
+DEFAULT_SPEC = DemoSpec()
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Combinations assigned to the ImageNet-like classes, the VOC classes and the clutter."""
+
+    spec: DemoSpec
+    imagenet: tuple[Combo, ...]
+    voc: tuple[Combo, ...]
+    clutter: tuple[Combo, ...]
+
+
+class _Object(NamedTuple):
+    """A rendered VOC object; box is 0-based half-open ``[x1, y1, x2, y2)``."""
+
+    label: int
+    box: tuple[int, int, int, int]
+    difficult: bool
+    truncated: bool
+
+
+def _validate(spec: DemoSpec) -> None:
+    """ConfigError naming the first out-of-range field of ``spec``."""
+    (wlo, whi), (hlo, hhi) = spec.voc_size_range
+    checks = {
+        "imagenet_classes": 1 <= spec.imagenet_classes <= _num_combos() - len(VOC_CLASSES) - 1,
+        "imagenet_train_per_class": spec.imagenet_train_per_class >= 1,
+        "imagenet_val_per_class": spec.imagenet_val_per_class >= 1,
+        "imagenet_size": min(spec.imagenet_size) >= 32,
+        "voc_trainval": spec.voc_trainval >= 2,
+        "voc_test": spec.voc_test >= 1,
+        "voc_size_range": 64 <= wlo <= whi and 64 <= hlo <= hhi,
+        "max_objects": spec.max_objects >= 1,
+        "jpeg_quality": 1 <= spec.jpeg_quality <= 100,
+    }
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        raise ConfigError(
+            f"DemoSpec.{bad[0]}={getattr(spec, bad[0])!r} is out of range; expected counts >= 1 "
+            f"(voc_trainval >= 2), imagenet_classes <= {_num_combos() - len(VOC_CLASSES) - 1}, "
+            "image sides >= 32 (VOC >= 64) with lo <= hi, jpeg_quality in 1..100"
+        )
+
+
+def _num_combos() -> int:
+    return len(SHAPES) * len(COLORS) * len(TEXTURES)
+
+
+def _make_plan(spec: DemoSpec) -> _Plan:
+    """Assign disjoint random combinations to ImageNet-like classes, VOC classes and clutter."""
+    combos = list(itertools.product(SHAPES, COLORS, TEXTURES))
+    order = np.random.default_rng([spec.seed, 7]).permutation(len(combos))
+    shuffled = tuple(combos[i] for i in order)
+    n, v = spec.imagenet_classes, len(VOC_CLASSES)
+    return _Plan(spec, shuffled[:n], shuffled[n : n + v], shuffled[n + v :])
+
+
+def spec_hash(spec: DemoSpec) -> str:
+    """Hash of the spec and the generator version; identical hashes mean identical data."""
+    text = json.dumps({"version": GENERATOR_VERSION, "spec": asdict(spec)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _describe(combo: Combo) -> str:
+    shape, colour, texture = combo
+    return f"{colour} {texture} {shape}"
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """Random low-saturation background with low-contrast blobs and lines (uint8 [H, W, 3])."""
+    base = np.clip(rng.uniform(60, 190) + rng.normal(0, 18, 3), 0, 255)
+    img = np.empty((height, width, 3), np.uint8)
+    img[:] = base.astype(np.uint8)
+    side = min(width, height)
+    for _ in range(rng.integers(5, 12)):
+        center = (int(rng.uniform(0, width)), int(rng.uniform(0, height)))
+        axes = (int(rng.uniform(0.05, 0.35) * side), int(rng.uniform(0.05, 0.35) * side))
+        colour = np.clip(base + rng.normal(0, 22, 3), 0, 255).tolist()
+        cv2.ellipse(img, center, axes, rng.uniform(0, 180), 0, 360, colour, -1, cv2.LINE_AA)
+    for _ in range(rng.integers(2, 8)):
+        p1 = (int(rng.uniform(0, width)), int(rng.uniform(0, height)))
+        p2 = (int(rng.uniform(0, width)), int(rng.uniform(0, height)))
+        colour = np.clip(base + rng.normal(0, 30, 3), 0, 255).tolist()
+        cv2.line(img, p1, p2, colour, int(rng.integers(1, 4)), cv2.LINE_AA)
+    return img
+
+
+def _pattern(texture: str, v: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """1 where ``texture`` shows the main colour, 0 where it shows the dark one.
+
+    ``v`` ([H, 1]) and ``u`` ([1, W]) are row and column coordinates in texture periods.
+    """
+    return np.broadcast_to(_PATTERNS[texture](u, v), (v.shape[0], u.shape[1])).astype(np.float32)
+
+
+def _rasterize(
+    shape: str, center: tuple[float, float], radius: float, angle: float, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Anti-aliased coverage mask (uint8 [H, W]) of a rotated shape and its outer outline [K, 2]."""
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    mask = np.zeros((height, width), np.uint8)
+    outlines = [np.asarray(center) + radius * poly @ rot.T for poly, _ in SHAPES[shape]]
+    for pts, (_, value) in zip(outlines, SHAPES[shape]):
+        cv2.fillPoly(mask, [np.round(pts * 16).astype(np.int32)], value, cv2.LINE_AA, shift=4)
+    return mask, outlines[0]
+
+
+def _draw(
+    img: np.ndarray,
+    rng: np.random.Generator,
+    combo: Combo,
+    center: tuple[float, float],
+    radius: float,
+) -> tuple[np.ndarray, bool]:
+    """Paint a rotated, colour-jittered instance of ``combo`` onto ``img`` in place.
+
+    Returns its anti-aliased coverage mask (uint8 [H, W]) and whether it extends past the frame.
+    """
+    shape, colour, texture = combo
+    height, width = img.shape[:2]
+    mask, outline = _rasterize(shape, center, radius, rng.uniform(0, 2 * np.pi), height, width)
+    lo, hi = outline.min(axis=0), outline.max(axis=0)
+    truncated = bool(lo[0] < -0.5 or lo[1] < -0.5 or hi[0] > width - 0.5 or hi[1] > height - 0.5)
+    x0, y0 = max(int(lo[0]) - 1, 0), max(int(lo[1]) - 1, 0)
+    x1, y1 = min(int(hi[0]) + 2, width), min(int(hi[1]) + 2, height)
+    period = max(2 * radius / rng.uniform(4, 7), 3.0)
+    offset = rng.uniform(0, period, 2)
+    v = (np.arange(y0, y1, dtype=np.float32)[:, None] + offset[1]) / period
+    u = (np.arange(x0, x1, dtype=np.float32)[None, :] + offset[0]) / period
+    main = np.clip(np.array(COLORS[colour]) * rng.uniform(0.85, 1.1) + rng.normal(0, 12, 3), 0, 255)
+    pattern = _pattern(texture, v, u)[..., None]
+    paint = pattern * main + (1 - pattern) * (0.35 * main)
+    alpha = mask[y0:y1, x0:x1, None].astype(np.float32) / 255
+    region = img[y0:y1, x0:x1]
+    region[:] = np.round(region * (1 - alpha) + paint * alpha).astype(np.uint8)
+    return mask, truncated
+
+
+def _finish(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Add sensor-like Gaussian noise."""
+    noise = rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(3, 8)
+    return np.clip(img + noise, 0, 255).astype(np.uint8)
+
+
+def _pick(rng: np.random.Generator, combos: tuple[Combo, ...]) -> Combo:
+    return combos[int(rng.integers(len(combos)))]
+
+
+def _add_clutter(
+    img: np.ndarray, rng: np.random.Generator, plan: _Plan, size_range: tuple[float, float]
+) -> None:
+    """Draw 0-3 small distractors from the combinations no class uses."""
+    height, width = img.shape[:2]
+    for _ in range(rng.integers(0, 4)):
+        center = (rng.uniform(0, width), rng.uniform(0, height))
+        radius = rng.uniform(*size_range) * min(width, height) / 2
+        _draw(img, rng, _pick(rng, plan.clutter), center, radius)
+
+
+def _render_imagenet(plan: _Plan, class_index: int, rng: np.random.Generator) -> np.ndarray:
+    """One ImageNet-like image: a single class object (30-80% of the side) over clutter."""
+    width, height = plan.spec.imagenet_size
+    img = _background(rng, width, height)
+    _add_clutter(img, rng, plan, (0.1, 0.25))
+    radius = rng.uniform(0.3, 0.8) * min(width, height) / 2
+    margin = 0.8 * radius
+    center = (rng.uniform(min(margin, width / 2), max(width - margin, width / 2)),
+              rng.uniform(min(margin, height / 2), max(height - margin, height / 2)))  # fmt: skip
+    _draw(img, rng, plan.imagenet[class_index], center, radius)
+    return _finish(img, rng)
+
+
+def _voc_object(label: int, covered: np.ndarray, visible: np.ndarray, truncated: bool) -> _Object:
+    """Box of the in-frame coverage; difficult if under 20 px or more than half occluded."""
+    ys, xs = np.nonzero(covered)
+    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    small = min(box[2] - box[0], box[3] - box[1]) < 20
+    occluded = visible.sum() < 0.5 * covered.sum()
+    return _Object(label, box, bool(small or occluded), truncated)
+
+
+def _render_voc(plan: _Plan, rng: np.random.Generator) -> tuple[np.ndarray, list[_Object]]:
+    """One VOC-like image with 1..max_objects class objects (15-60% of the shorter side)."""
+    (wlo, whi), (hlo, hhi) = plan.spec.voc_size_range
+    width, height = int(rng.integers(wlo, whi + 1)), int(rng.integers(hlo, hhi + 1))
+    img = _background(rng, width, height)
+    _add_clutter(img, rng, plan, (0.06, 0.12))
+    owner = np.full((height, width), -1, np.int16)
+    drawn = []
+    for k in range(int(rng.integers(1, plan.spec.max_objects + 1))):
+        label = int(rng.integers(len(plan.voc)))
+        center = (rng.uniform(0.1, 0.9) * width, rng.uniform(0.1, 0.9) * height)
+        radius = rng.uniform(0.15, 0.6) * min(width, height) / 2
+        mask, truncated = _draw(img, rng, plan.voc[label], center, radius)
+        covered = mask >= 128
+        owner[covered] = k
+        drawn.append((label, covered, truncated))
+    objects = [
+        _voc_object(lab, cov, owner == k, tr) for k, (lab, cov, tr) in enumerate(drawn) if cov.any()
+    ]
+    return _finish(img, rng), objects
+
+
+# ---------------------------------------------------------------- files
+
+
+def _annotation_xml(image_id: str, width: int, height: int, objects: list[_Object]) -> bytes:
+    """VOC2007-style annotation with 1-based inclusive boxes."""
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = "VOC2007"
+    ET.SubElement(root, "filename").text = f"{image_id}.jpg"
+    ET.SubElement(ET.SubElement(root, "source"), "database").text = "cnnft demo"
+    size = ET.SubElement(root, "size")
+    for key, value in (("width", width), ("height", height), ("depth", 3)):
+        ET.SubElement(size, key).text = str(value)
+    ET.SubElement(root, "segmented").text = "0"
+    for obj in objects:
+        node = ET.SubElement(root, "object")
+        x1, y1, x2, y2 = obj.box
+        values = (("name", VOC_CLASSES[obj.label]), ("pose", "Unspecified"),
+                  ("truncated", int(obj.truncated)), ("difficult", int(obj.difficult)))  # fmt: skip
+        for key, value in values:
+            ET.SubElement(node, key).text = str(value)
+        bndbox = ET.SubElement(node, "bndbox")
+        for key, value in (("xmin", x1 + 1), ("ymin", y1 + 1), ("xmax", x2), ("ymax", y2)):
+            ET.SubElement(bndbox, key).text = str(value)
+    ET.indent(root, space="\t")
+    return ET.tostring(root, encoding="utf-8") + b"\n"
+
+
+def _jpeg(img: np.ndarray, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(img).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write a file, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+class _Task(NamedTuple):
+    """One image to render: split code (0/1 ImageNet train/val, 2 VOC), index, class, output."""
+
+    split: int
+    index: int
+    class_index: int
+    path: Path
+
+
+def _run_task(plan: _Plan, task: _Task) -> list[_Object] | None:
+    """Render and write one image (and its annotation for VOC); returns the VOC objects."""
+    rng = np.random.default_rng([plan.spec.seed, task.split, task.index])
+    if task.split < 2:
+        _write(
+            task.path, _jpeg(_render_imagenet(plan, task.class_index, rng), plan.spec.jpeg_quality)
+        )
+        return None
+    img, objects = _render_voc(plan, rng)
+    _write(task.path, _jpeg(img, plan.spec.jpeg_quality))
+    xml = _annotation_xml(task.path.stem, img.shape[1], img.shape[0], objects)
+    _write(task.path.parent.parent / "Annotations" / f"{task.path.stem}.xml", xml)
+    return objects
+
+
+def _wnid(class_index: int) -> str:
+    return f"n{class_index:08d}"
+
+
+def _imagenet_tasks(spec: DemoSpec, root: Path) -> list[_Task]:
+    """One task per ImageNet-like image; indices are unique within a split."""
+    counts = (("train", spec.imagenet_train_per_class), ("val", spec.imagenet_val_per_class))
+    return [
+        _Task(code, c * n + i, c, root / split / _wnid(c) / f"{_wnid(c)}_{i:04d}.JPEG")
+        for code, (split, n) in enumerate(counts)
+        for c in range(spec.imagenet_classes)
+        for i in range(n)
+    ]
+
+
+def _voc_ids(spec: DemoSpec) -> dict[str, list[str]]:
+    """Disjoint, interleaved trainval/test ids and a train/val split of trainval."""
+    rng = np.random.default_rng([spec.seed, 3])
+    n = spec.voc_trainval + spec.voc_test
+    ids = [f"{i:06d}" for i in range(1, n + 1)]
+    order = rng.permutation(n)
+    trainval = sorted(ids[i] for i in order[: spec.voc_trainval])
+    half = rng.permutation(spec.voc_trainval)[: spec.voc_trainval // 2]
+    train = sorted(trainval[i] for i in half)
+    return {
+        "train": train,
+        "val": sorted(set(trainval) - set(train)),
+        "trainval": trainval,
+        "test": sorted(ids[i] for i in order[spec.voc_trainval :]),
+    }
+
+
+def _image_label(objects: list[_Object], label: int) -> int:
+    """Devkit label: 1 if a non-difficult object of ``label``, 0 if only difficult ones, else -1."""
+    flags = [o.difficult for o in objects if o.label == label]
+    return -1 if not flags else (0 if all(flags) else 1)
+
+
+def _write_image_sets(
+    voc_root: Path, splits: dict[str, list[str]], objects: dict[str, list[_Object]]
+) -> None:
+    """Write ``<split>.txt`` and the devkit's ``<class>_<split>.txt`` (1, 0: difficult only, -1)."""
+    main = voc_root / "ImageSets" / "Main"
+    for split, ids in splits.items():
+        _write(main / f"{split}.txt", "".join(f"{i}\n" for i in ids).encode())
+        for c, name in enumerate(VOC_CLASSES):
+            lines = [f"{i} {_image_label(objects[i], c):2d}\n" for i in ids]
+            _write(main / f"{name}_{split}.txt", "".join(lines).encode())
+
+
+def _manifest(spec: DemoSpec, plan: _Plan) -> dict:
+    return {
+        "generator": f"cnnft.data.demo v{GENERATOR_VERSION}",
+        "spec": asdict(spec),
+        "spec_hash": spec_hash(spec),
+        "imagenet_classes": {_wnid(c): _describe(combo) for c, combo in enumerate(plan.imagenet)},
+        "voc_classes": {name: _describe(combo) for name, combo in zip(VOC_CLASSES, plan.voc)},
+    }
+
+
+def _manifest_matches(root: Path, spec: DemoSpec) -> bool:
+    """True if ``root`` holds demo data generated from ``spec``."""
+    try:
+        return json.loads((root / MANIFEST).read_text()).get("spec_hash") == spec_hash(spec)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _render_all(plan: _Plan, tasks: list[_Task], progress: bool) -> list[list[_Object] | None]:
+    """Run the tasks, on 2 worker processes when there are many; results in task order."""
+    run = partial(_run_task, plan)
+    workers = min(2, os.cpu_count() or 1) if len(tasks) >= 200 else 1
+    bar = partial(tqdm, total=len(tasks), desc="demo data", unit="img", disable=not progress)
+    if workers == 1:
+        return list(bar(map(run, tasks)))
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return list(bar(pool.imap(run, tasks, chunksize=16)))
+
+
+def _build(tmp: Path, spec: DemoSpec, progress: bool) -> None:
+    """Write the whole demo tree into the empty folder ``tmp``."""
+    plan = _make_plan(spec)
+    voc_root = tmp / "VOC2007"
+    splits = _voc_ids(spec)
+    voc_ids = sorted(splits["trainval"] + splits["test"])
+    voc_tasks = [_Task(2, int(i), -1, voc_root / "JPEGImages" / f"{i}.jpg") for i in voc_ids]
+    results = _render_all(plan, _imagenet_tasks(spec, tmp / "imagenet") + voc_tasks, progress)
+    objects = dict(zip(voc_ids, results[-len(voc_tasks) :]))
+    _write_image_sets(voc_root, splits, objects)
+    _write(
+        tmp / MANIFEST,
+        (json.dumps(_manifest(spec, plan), indent=1, sort_keys=True) + "\n").encode(),
+    )
+
+
+def generate_demo(
+    root: str | Path, spec: DemoSpec = DEFAULT_SPEC, *, progress: bool = True
+) -> dict[str, Path]:
+    """Generate the demo data under ``root`` (atomically) unless it is already there.
+
+    Returns ``{"imagenet_root": root/"imagenet", "voc_root": root/"VOC2007"}``. Raises DataError if
+    ``root`` exists, is not empty and was not generated from ``spec``.
+    """
+    root = Path(root)
+    paths = {"imagenet_root": root / "imagenet", "voc_root": root / "VOC2007"}
+    if _manifest_matches(root, spec):
+        return paths
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise DataError(
+            f"demo root {root} exists but its {MANIFEST} is missing or was made from another "
+            "DemoSpec; expected an empty or absent folder (or demo data of the same spec); "
+            "remove it or choose another root"
+        )
+    _validate(spec)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
+    try:
+        _build(tmp, spec, progress)
+        os.replace(tmp, root)  # atomic; also replaces an empty root folder
+    except OSError:
+        if not _manifest_matches(root, spec):  # a concurrent run may have finished first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return paths

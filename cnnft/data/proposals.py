@@ -1,0 +1,104 @@
+"""Selective-search region proposals (OpenCV-contrib, fast mode), cached on disk per image.
+
+The cache lives in ``<cache_dir>/<hash of the settings>/<image_id>.npy``; changing any setting
+(mode, minimum size, maximum count, seed) selects another folder, so a cache can never be
+reused for settings it was not made with. Each file is written to a temporary name and renamed.
+Proposals are computed once, in parallel worker processes (one OpenCV thread each).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cnnft.data.images import load_rgb
+from cnnft.errors import DataError
+from cnnft.io import atomic_path, stable_hash
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProposalSettings:
+    """How proposals are made. ``min_size``: boxes narrower or shorter than this are dropped
+    (R-CNN used 20 px); ``max_boxes``: keep the first (highest-ranked) boxes."""
+
+    mode: str = "fast"
+    min_size: int = 20
+    max_boxes: int = 2000
+    seed: int = 0
+
+    def key(self) -> str:
+        return stable_hash(asdict(self))
+
+
+def selective_search(image: np.ndarray, settings: ProposalSettings) -> np.ndarray:
+    """Proposals of one RGB uint8 image as float32 ``[N,4]`` half-open boxes, ranked."""
+    import cv2
+
+    if settings.mode not in ("fast", "quality", "single"):
+        raise DataError(f"proposals.mode={settings.mode!r}; expected 'fast', 'quality' or 'single'")
+    cv2.setNumThreads(1)
+    cv2.setRNGSeed(settings.seed)
+    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    ss.setBaseImage(np.ascontiguousarray(image[:, :, ::-1]))  # OpenCV wants BGR
+    {"fast": ss.switchToSelectiveSearchFast, "quality": ss.switchToSelectiveSearchQuality,
+     "single": ss.switchToSingleStrategy}[settings.mode]()
+    rects = ss.process().reshape(-1, 4).astype(np.float32)  # x, y, w, h
+    keep = (rects[:, 2] >= settings.min_size) & (rects[:, 3] >= settings.min_size)
+    rects = rects[keep][: settings.max_boxes]
+    return np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
+
+
+def _compute_one(job: tuple[str, str, str, ProposalSettings]) -> str:
+    image_id, image_path, out_path, settings = job
+    boxes = selective_search(load_rgb(image_path), settings)
+    with atomic_path(out_path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, boxes)
+    return image_id
+
+
+def cache_folder(cache_dir: str | Path, settings: ProposalSettings) -> Path:
+    return Path(cache_dir) / f"ss_{settings.mode}_{settings.key()}"
+
+
+def load_cached(path: Path) -> np.ndarray:
+    """Read one cache file; raise DataError if it is unreadable or not ``[N,4]``."""
+    try:
+        boxes = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"corrupt proposal cache file {path}: {e}; delete it to recompute") from e
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise DataError(f"proposal cache file {path} holds shape {boxes.shape}; expected [N, 4]")
+    return boxes.astype(np.float32)
+
+
+def compute_proposals(images: Sequence[tuple[str, str | Path]], cache_dir: str | Path,
+                      settings: ProposalSettings, *, workers: int = 2,
+                      progress: bool = True) -> dict[str, np.ndarray]:
+    """Proposals for ``(image_id, image_path)`` pairs, computing the missing ones in parallel."""
+    folder = cache_folder(cache_dir, settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = [(i, str(p), str(folder / f"{i}.npy"), settings) for i, p in images
+               if not (folder / f"{i}.npy").exists()]
+    if missing:
+        log.info("selective search on %d of %d images (cache %s)", len(missing), len(images), folder)
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(missing), desc="selective search", disable=not progress, unit="img")
+        if workers > 1 and len(missing) > 1:
+            with mp.get_context("spawn").Pool(workers) as pool:
+                for _ in pool.imap_unordered(_compute_one, missing, chunksize=4):
+                    bar.update()
+        else:
+            for job in missing:
+                _compute_one(job)
+                bar.update()
+        bar.close()
+    return {i: load_cached(folder / f"{i}.npy") for i, _ in images}
