@@ -169,7 +169,8 @@ def test_width_multiplier_and_small_input() -> None:
         assert tuple(odd(torch.randn(1, 3, 99, 99)).shape) == (1, 3)
 
 
-@pytest.mark.parametrize("size,side", [(227, 6), (163, 4), (67, 1), (83, 2), (99, 2), (195, 5), (128, 3)])
+@pytest.mark.parametrize(
+    "size,side", [(227, 6), (163, 4), (67, 1), (83, 2), (99, 2), (195, 5), (128, 3), (39, 1)])
 def test_pool5_size_matches_network(size: int, side: int) -> None:
     assert pool5_size(size) == side
     model = CaffeNet(2, width=0.0625, input_size=size).eval()

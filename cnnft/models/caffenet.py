@@ -63,7 +63,7 @@ class CaffeNet(nn.Sequential):
         side = pool5_size(input_size)
         if side < 1:
             raise ConfigError(f"model.input_size={input_size} is too small for CaffeNet; "
-                              "expected at least 67")
+                              "expected at least 39")
         layers: OrderedDict[str, nn.Module] = OrderedDict(
             conv1=nn.Conv2d(3, c[0], 11, stride=4), relu1=nn.ReLU(inplace=True),
             pool1=nn.MaxPool2d(3, 2, ceil_mode=True), norm1=nn.LocalResponseNorm(5, 1e-4, 0.75, 1.0),
