@@ -80,13 +80,15 @@ def model_spec(batch_size: int, warmup: int, steps: int) -> ModelSpec:
 
 def model_rate(spec: ModelSpec) -> float:
     """Demo-net training img/s on in-memory batches (channels_last, as configured)."""
-    return run_plain(spec, make_batches(spec, spec.warmup + spec.steps), channels_last=True)
+    batches = make_batches(spec, spec.warmup + spec.steps)
+    return run_plain(spec, batches, channels_last=True).window
 
 
 def end_to_end_rate(imagenet_root: Path, spec: ModelSpec, num_workers: int) -> float:
     """Demo-net training img/s fed by the real loader."""
     loader = train_loader(imagenet_root, spec.batch_size, num_workers)
-    return run_plain(spec, epochs_of(loader, spec.warmup + spec.steps), channels_last=True)
+    batches = epochs_of(loader, spec.warmup + spec.steps)
+    return run_plain(spec, batches, channels_last=True).window
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

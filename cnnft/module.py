@@ -4,6 +4,7 @@ Logged keys:
 
 =====================  ==================================================
 ``train/loss``         cross-entropy of the training batch (each step)
+``train/lr``           the base learning rate (each layer's is a multiple of it)
 ``train/skipped``      images skipped as corrupt so far (``skip_corrupt``)
 ``val/loss``           mean cross-entropy on the validation set
 ``val/top1``           top-1 accuracy; ``val/top5`` top-5 (>= 5 classes)
@@ -90,6 +91,8 @@ class CaffeNetModule(L.LightningModule):
             return None
         loss = F.cross_entropy(self(batch["images"]), batch["labels"])
         self.log("train/loss", loss, prog_bar=True)
+        group = self.optimizers().param_groups[0]
+        self.log("train/lr", group["lr"] / group["lr_mult"])
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

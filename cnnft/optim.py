@@ -14,17 +14,18 @@ from cnnft.models.caffenet import PARAM_LAYERS
 def param_groups(model: nn.Module, *, lr: float, weight_decay: float,
                  lr_mult: Mapping[str, float] | None = None) -> list[dict]:
     """One group per trainable weight and bias: weights ``lr*m``, biases ``2*lr*m`` and no decay,
-    where ``m = lr_mult.get(layer, 1)`` (Caffe's lr_mult 1/2, decay_mult 1/0)."""
+    where ``m = lr_mult.get(layer, 1)`` (Caffe's lr_mult 1/2, decay_mult 1/0). Each group
+    records its multiplier as ``lr_mult``, so the base rate is ``group["lr"] / group["lr_mult"]``."""
     lr_mult = dict(lr_mult or {})
     groups = []
     for name in PARAM_LAYERS:
         layer, m = getattr(model, name), lr_mult.get(name, 1.0)
         if layer.weight.requires_grad:
             groups.append({"name": f"{name}.weight", "params": [layer.weight], "lr": lr * m,
-                           "weight_decay": weight_decay})
+                           "lr_mult": m, "weight_decay": weight_decay})
         if layer.bias.requires_grad:
             groups.append({"name": f"{name}.bias", "params": [layer.bias], "lr": 2 * lr * m,
-                           "weight_decay": 0.0})
+                           "lr_mult": 2 * m, "weight_decay": 0.0})
     return groups
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
@@ -127,6 +128,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                           "outputs/pretrain/<run>/checkpoints/last.ckpt) or a CaffeNet state dict")
     ckpt_path = resume_checkpoint(cfg, output_dir)
     L.seed_everything(cfg.seed, workers=True)
+    # Caffe's small initial weights make early activations denormal on the CPU: up to 6x slower
+    torch.set_flush_denormal(bool(cfg.get("flush_denormal", True)))
     prepare_demo_data(cfg)
     datamodule = build(cfg.datamodule)
     module = build(cfg.module, num_classes=datamodule.num_classes, freeze=plain(cfg.freeze),

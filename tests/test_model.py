@@ -216,3 +216,14 @@ def test_lrn_matches_caffe_formula(small: CaffeNet) -> None:
     expected = 100.0 / (1 + 1e-4 / 5 * 100.0**2) ** 0.75
     assert small.norm1(b)[0, 0, 0, 0].item() == pytest.approx(expected, rel=1e-12)
     assert expected == pytest.approx(100 / 1.2**0.75)
+
+
+def test_narrow_net_init_gain_keeps_full_width_scale() -> None:
+    """Default init_gain = 1/sqrt(width): std 0.02 at width 1/4 above conv1, exact Caffe at 1."""
+    torch.manual_seed(0)
+    narrow = CaffeNet(10, width=0.25, input_size=163)
+    assert narrow.init_gain == 2.0
+    assert abs(narrow.conv1.weight.std().item() / 0.01 - 1) < 0.05
+    assert abs(narrow.conv3.weight.std().item() / 0.02 - 1) < 0.05
+    assert abs(narrow.fc6.weight.std().item() / 0.01 - 1) < 0.05
+    assert CaffeNet(10, width=1.0, input_size=67).init_gain == 1.0

@@ -64,7 +64,8 @@ def test_frozen_layers_leave_the_optimizer() -> None:
 
 
 def test_reinit_layers_change_and_follow_caffe_init() -> None:
-    model = CaffeNet(6, width=0.25, input_size=227)  # fc6: 2304 -> 1024, enough for statistics
+    # fc6: 2304 -> 1024, enough for statistics; init_gain=1 gives Caffe's own std at any width
+    model = CaffeNet(6, width=0.25, input_size=227, init_gain=1.0)
     with torch.no_grad():  # pretend these were loaded from a pretrained net
         for name in PARAM_LAYERS:
             getattr(model, name).weight.fill_(0.3)

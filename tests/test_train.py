@@ -185,6 +185,10 @@ def test_every_config_composes() -> None:
                      ["logger=tensorboard"], ["freeze=upto_conv3"]):
             cfg = compose("train", overrides=over)
             assert cfg.datamodule._target_.startswith("cnnft.data")
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp"],
+                      return_hydra_config=True)
+        assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+        assert cfg.hydra.launcher.nodes == cfg.trainer.num_nodes
 
 
 def test_cli_help_runs() -> None:
