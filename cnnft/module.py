@@ -8,6 +8,8 @@ Logged keys:
 ``train/skipped``      images skipped as corrupt so far (``skip_corrupt``)
 ``val/loss``           mean cross-entropy on the validation set
 ``val/top1``           top-1 accuracy; ``val/top5`` top-5 (>= 5 classes)
+``val/class_acc``      mean over classes of per-class accuracy (background
+                       dominates fine-tuning windows; this does not let it)
 =====================  ==================================================
 """
 
@@ -62,6 +64,7 @@ class CaffeNetModule(L.LightningModule):
             self.net = self.net.to(memory_format=torch.channels_last)
         self.val_loss = MeanMetric()
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_class_acc = MulticlassAccuracy(num_classes, average="macro")
         self.val_top5 = (MulticlassAccuracy(num_classes, top_k=5, average="micro")
                          if num_classes >= 5 else None)
         self.register_buffer("skipped", torch.zeros((), dtype=torch.long), persistent=True)
@@ -102,8 +105,10 @@ class CaffeNetModule(L.LightningModule):
         labels = batch["labels"]
         self.val_loss.update(F.cross_entropy(logits, labels), weight=len(labels))
         self.val_top1.update(logits, labels)
+        self.val_class_acc.update(logits, labels)
         self.log("val/loss", self.val_loss, prog_bar=True)
         self.log("val/top1", self.val_top1, prog_bar=True)
+        self.log("val/class_acc", self.val_class_acc)
         if self.val_top5 is not None:
             self.val_top5.update(logits, labels)
             self.log("val/top5", self.val_top5)

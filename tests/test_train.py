@@ -42,7 +42,8 @@ def test_pretrain_run_directory(tiny_cfg, pretrained: Path) -> None:
     assert ckpt["global_step"] == 6
     assert ckpt["cnnft"]["arch"] == {"width": 0.125, "input_size": 67, "num_classes": 5}
     metrics = (run / "csv" / "metrics.csv").read_text()
-    assert "train/loss" in metrics and "val/top1" in metrics and "val/top5" in metrics
+    for key in ("train/loss", "train/lr", "val/top1", "val/top5", "val/class_acc"):
+        assert key in metrics, key
     assert not list(run.rglob("*.tmp")), "temporary checkpoint files left behind"
 
 
@@ -108,9 +109,9 @@ def test_kill_and_resume_is_bit_identical(tiny_cfg, tmp_path: Path) -> None:
 
 def test_unknown_freeze_scheme_lists_options() -> None:
     GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        with pytest.raises(MissingConfigException, match="(?s)frobnicate.*fc"):
-            compose("train", overrides=["freeze=frobnicate"])
+    with (initialize_config_dir(version_base="1.3", config_dir=str(CONF)),
+          pytest.raises(MissingConfigException, match="(?s)frobnicate.*fc")):
+        compose("train", overrides=["freeze=frobnicate"])
 
 
 def test_unknown_freeze_layer_lists_layers(tiny_cfg, pretrained: Path) -> None:

@@ -58,9 +58,8 @@ def selective_search(image: np.ndarray, settings: ProposalSettings) -> np.ndarra
 def _compute_one(job: tuple[str, str, str, ProposalSettings]) -> str:
     image_id, image_path, out_path, settings = job
     boxes = selective_search(load_rgb(image_path), settings)
-    with atomic_path(out_path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, boxes)
+    with atomic_path(out_path) as tmp, open(tmp, "wb") as f:
+        np.save(f, boxes)
     return image_id
 
 
