@@ -119,3 +119,22 @@ def collate_skipping(items: list[Item | None]) -> dict[str, torch.Tensor]:
                 "skipped": skipped}
     images, labels = default_collate(kept)
     return {"images": images, "labels": labels, "skipped": skipped}
+
+
+class WholeImageDataset(_SkippingDataset):
+    """Whole images for image classification probes: warped to ``crop x crop`` (aspect ignored),
+    or with ``resize`` given, warped to ``resize x resize`` and centre-cropped to ``crop``."""
+
+    def __init__(self, paths: Sequence[Path], *, crop: int, mean: Sequence[float],
+                 resize: int | None = None, skip_corrupt: bool = False) -> None:
+        self.paths, self.crop, self.mean = list(paths), crop, tuple(mean)
+        self.resize, self.skip_corrupt = resize or crop, skip_corrupt
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Item | None:
+        image = self._load(self.paths[index])
+        if image is None:
+            return None
+        return caffe_test_view(image, resize=self.resize, crop=self.crop, mean=self.mean), index

@@ -1,0 +1,204 @@
+"""Feature extraction: one forward pass per batch for every requested layer, optionally cached.
+
+``extract`` runs the model in eval mode under ``torch.inference_mode`` and restores its mode.
+Under DDP with a ``DistributedSampler`` every rank extracts its shard and the shards are
+gathered by sample index, so the sampler's padding duplicates are dropped and every sample is
+checked to be filled exactly once (``merge_shards``).
+
+``FeatureCache`` keeps each (checkpoint, data split, transform, layer) as a float16 memory-
+mapped array with a JSON manifest holding its shape and SHA-256; files are written to a
+temporary folder and renamed, and a cache whose checksum does not match is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from cnnft.io import stable_hash
+
+log = logging.getLogger(__name__)
+
+
+def _images(batch: Any) -> torch.Tensor:
+    if isinstance(batch, Mapping):
+        return batch["images"]
+    if isinstance(batch, list | tuple):
+        return batch[0]
+    return batch
+
+
+def _taps(model: nn.Module, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+    net = getattr(model, "net", model)  # a CaffeNetModule or a bare CaffeNet
+    if getattr(model, "channels_last", False):
+        images = images.contiguous(memory_format=torch.channels_last)
+    return net.forward_taps(images, layers)
+
+
+def extract(model: nn.Module, loader: Iterable, layers: Sequence[str], *,
+            device: torch.device | str | None = None, progress: bool = False,
+            desc: str = "features") -> dict[str, torch.Tensor]:
+    """Features of every sample of ``loader`` at each of ``layers`` (one forward pass per batch).
+
+    Returns ``{layer: float32 tensor [num_samples, ...]}`` on the CPU, in loader order (under
+    DDP with a DistributedSampler: in dataset order, gathered from all ranks).
+    """
+    layers = list(dict.fromkeys(layers))
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    try:
+        from tqdm import tqdm
+
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch", leave=False):
+                images = _images(batch)
+                if images.numel() == 0:
+                    continue
+                for name, value in _taps(model, images.to(device), layers).items():
+                    parts[name].append(value.float().cpu().contiguous())
+    finally:
+        model.train(was_training)
+    out = {name: torch.cat(chunks) if chunks else torch.empty(0) for name, chunks in parts.items()}
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler) and dist.is_available() and dist.is_initialized():
+        out = _gather(out, list(sampler), len(sampler.dataset))
+    return out
+
+
+def merge_shards(shards: Sequence[tuple[Sequence[int], torch.Tensor]], total: int) -> torch.Tensor:
+    """Place each rank's ``(indices, features)`` at its indices; padding duplicates of the same
+    index are dropped. Raises if any of the ``total`` samples is missing."""
+    first = shards[0][1]
+    out = first.new_empty((total, *first.shape[1:]))
+    filled = torch.zeros(total, dtype=torch.bool)
+    for indices, feats in shards:
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        out[idx] = feats
+        filled[idx] = True
+    if not bool(filled.all()):
+        missing = torch.nonzero(~filled).flatten()[:10].tolist()
+        raise RuntimeError(f"feature gathering left {int((~filled).sum())} of {total} samples "
+                           f"unfilled (first: {missing})")
+    return out
+
+
+def _gather(out: dict[str, torch.Tensor], indices: list[int], total: int) -> dict[str, torch.Tensor]:
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (indices, out))
+    return {name: merge_shards([(ind, feats[name]) for ind, feats in gathered], total)
+            for name in out}
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def file_digest(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's parameters and buffers (for networks without a checkpoint file)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(getattr(model, "net", model).state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class FeatureCache:
+    """Float16 memory-mapped feature arrays under ``root/<key>/``, keyed by what made them.
+
+    ``key(model=..., data=..., transform=..., layer=...)``: any JSON-able description; callers pass
+    the checkpoint digest, the data split and root, the transform settings and the layer.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    @staticmethod
+    def key(**parts: Any) -> str:
+        return stable_hash(parts, length=24)
+
+    def _dir(self, key: str) -> Path:
+        return self.root / key
+
+    def load(self, key: str) -> torch.Tensor | None:
+        """The cached array as a float32 tensor, or None if absent, stale or corrupt (logged)."""
+        folder = self._dir(key)
+        meta_path, data_path = folder / "meta.json", folder / "features.f16"
+        if not meta_path.exists():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            if file_digest(data_path) != meta["sha256"]:
+                raise ValueError("checksum mismatch")
+            array = np.memmap(data_path, dtype=np.float16, mode="r", shape=tuple(meta["shape"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("feature cache %s is corrupt or stale (%s); recomputing", folder, e)
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        return torch.from_numpy(np.asarray(array, dtype=np.float32))
+
+    def save(self, key: str, features: torch.Tensor, **info: Any) -> None:
+        """Write ``features`` as float16 with its manifest, atomically (temp folder + rename)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
+        try:
+            data = features.detach().cpu().to(torch.float16).numpy()
+            mm = np.memmap(tmp / "features.f16", dtype=np.float16, mode="w+", shape=data.shape)
+            mm[...] = data
+            mm.flush()
+            del mm
+            meta = {"shape": list(data.shape), "dtype": "float16",
+                    "sha256": file_digest(tmp / "features.f16"), **info}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+            target = self._dir(key)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def extract_cached(model: nn.Module, loader: DataLoader, layers: Sequence[str], *,
+                   cache: FeatureCache | None, key_parts: Mapping[str, Any],
+                   progress: bool = False, desc: str = "features") -> dict[str, torch.Tensor]:
+    """``extract`` with a cache: layers found in ``cache`` are loaded, the rest are computed in
+    one pass and stored. ``key_parts`` describes model, data and transform (not the layer)."""
+    found: dict[str, torch.Tensor] = {}
+    keys = {name: FeatureCache.key(layer=name, **key_parts) for name in layers}
+    if cache is not None:
+        for name in layers:
+            if (cached := cache.load(keys[name])) is not None:
+                found[name] = cached
+    missing = [name for name in layers if name not in found]
+    if missing:
+        fresh = extract(model, loader, missing, progress=progress, desc=desc)
+        if cache is not None:
+            # the values a later run will load: results do not depend on whether it was cached
+            fresh = {name: value.half().float() for name, value in fresh.items()}
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                for name in missing:
+                    cache.save(keys[name], fresh[name], layer=name, **key_parts)
+        found.update(fresh)
+    return {name: found[name] for name in layers}

@@ -1,0 +1,97 @@
+"""Feature extraction: one pass for many layers, mode restored, shards merged, cache verified."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from cnnft.features import FeatureCache, extract, extract_cached, merge_shards
+from cnnft.models import PROBE_LAYERS, CaffeNet
+
+
+@pytest.fixture()
+def net() -> CaffeNet:
+    torch.manual_seed(0)
+    return CaffeNet(5, width=0.125, input_size=67)
+
+
+@pytest.fixture()
+def loader() -> DataLoader:
+    images = torch.randn(10, 3, 67, 67) * 50
+    return DataLoader(TensorDataset(images, torch.arange(10)), batch_size=4)
+
+
+def test_one_forward_pass_per_batch_for_all_layers(net: CaffeNet, loader: DataLoader) -> None:
+    calls = []
+    net.conv1.register_forward_hook(lambda *a: calls.append(1))
+    feats = extract(net, loader, PROBE_LAYERS)
+    assert len(calls) == 3  # 3 batches, not 3 x 7 layers
+    assert feats["pool5"].shape == (10, 32, 1, 1) and feats["relu7"].shape == (10, 512)
+    net.eval()
+    x = loader.dataset.tensors[0]
+    expected = net.forward_taps(x, ["relu3", "relu6"])
+    assert torch.allclose(feats["relu3"], expected["relu3"], atol=1e-4)
+    assert torch.allclose(feats["relu6"], expected["relu6"], atol=1e-4)
+
+
+def test_mode_restored_and_no_grad(net: CaffeNet, loader: DataLoader) -> None:
+    net.train()
+    feats = extract(net, loader, ["relu7"])
+    assert net.training and not feats["relu7"].requires_grad
+    net.eval()
+    extract(net, loader, ["relu7"])
+    assert not net.training
+
+
+def test_eval_mode_disables_dropout(net: CaffeNet, loader: DataLoader) -> None:
+    net.train()
+    a, b = extract(net, loader, ["fc8"])["fc8"], extract(net, loader, ["fc8"])["fc8"]
+    assert torch.equal(a, b)
+
+
+def test_merge_shards_drops_distributed_sampler_padding() -> None:
+    dataset = TensorDataset(torch.arange(7.0)[:, None])
+    shards = []
+    for rank in range(3):  # 7 samples over 3 ranks: 2 padding duplicates
+        indices = list(DistributedSampler(dataset, num_replicas=3, rank=rank, shuffle=False))
+        shards.append((indices, dataset.tensors[0][indices] * 10))
+    assert sum(len(i) for i, _ in shards) == 9
+    merged = merge_shards(shards, 7)
+    assert torch.equal(merged[:, 0], torch.arange(7.0) * 10)
+    with pytest.raises(RuntimeError, match="unfilled"):
+        merge_shards(shards[:2], 7)
+
+
+def test_cache_roundtrip_float16_and_keyed(net: CaffeNet, loader: DataLoader, tmp_path: Path) -> None:
+    cache = FeatureCache(tmp_path)
+    parts = {"model": "abc", "data": "test", "transform": {"crop": 67}}
+    first = extract_cached(net, loader, ["pool5", "relu7"], cache=cache, key_parts=parts)
+    assert len(list(tmp_path.iterdir())) == 2 and not list(tmp_path.glob(".*"))
+    calls = []
+    net.conv1.register_forward_hook(lambda *a: calls.append(1))
+    second = extract_cached(net, loader, ["pool5", "relu7"], cache=cache, key_parts=parts)
+    assert not calls  # served from the cache
+    for name in first:
+        assert torch.equal(first[name], second[name])  # cached or not, the same values
+    other = extract_cached(net, loader, ["relu7"], cache=cache, key_parts={**parts, "data": "val"})
+    assert calls and len(list(tmp_path.iterdir())) == 3 and other["relu7"].shape == (10, 512)
+
+
+def test_corrupt_cache_is_detected_and_recomputed(net: CaffeNet, loader: DataLoader, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    cache = FeatureCache(tmp_path)
+    parts = {"model": "abc"}
+    first = extract_cached(net, loader, ["relu6"], cache=cache, key_parts=parts)
+    data = next(tmp_path.glob("*/features.f16"))
+    raw = bytearray(data.read_bytes())
+    raw[10] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING):
+        again = extract_cached(net, loader, ["relu6"], cache=cache, key_parts=parts)
+    assert "corrupt or stale" in caplog.text
+    assert torch.equal(first["relu6"], again["relu6"])
+    assert cache.load(FeatureCache.key(layer="relu6", **parts)) is not None  # rewritten
