@@ -110,8 +110,9 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """Instantiate every named entry of ``callbacks`` (a null entry is dropped)."""
-    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    """Instantiate every named entry of ``callbacks`` and ``analyses`` (null entries dropped)."""
+    nodes = [*(cfg.get("callbacks") or {}).values(), *(cfg.get("analyses") or {}).values()]
+    return [build(node) for node in nodes if node]
 
 
 @rank_zero_only

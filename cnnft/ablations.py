@@ -1,0 +1,86 @@
+"""Feature ablations of paper Sec. 4 (Tables 4 and 5): what a linear probe loses when the location
+or the magnitude of filter activations is destroyed.
+
+Each function maps a batch of feature maps ``[N, C, H, W]`` to one feature vector per image,
+batch-independently except for :func:`spatial_shuffle`'s seed. Configs pick one by
+``_target_`` (``conf/ablations/*.yaml``, ``_partial_: true``; ``ablations=[unroll,shuffle]``). Only :func:`unroll` accepts
+non-spatial ``[N, D]`` (fc) features; the others raise ValueError on them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _check_spatial(x: Tensor, name: str) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"{name} needs [N, C, H, W] feature maps, got shape {tuple(x.shape)}; "
+                         "fc features [N, D] have no spatial positions")
+
+
+def _binary(mask: Tensor, like: Tensor) -> Tensor:
+    """A boolean mask as 0/1 in ``like``'s floating dtype (float32 for integer input)."""
+    return mask.to(like.dtype if like.is_floating_point() else torch.float32)
+
+
+def unroll(x: Tensor) -> Tensor:
+    """``[N, C*H*W]`` plain feature vector (channel-major, like Caffe's blob order); keeps everything.
+
+    ``[N, D]`` input is returned unchanged."""
+    if x.ndim == 2:
+        return x
+    _check_spatial(x, "unroll")
+    return x.flatten(1)
+
+
+def spatial_shuffle(x: Tensor, *, seed: int = 0) -> Tensor:
+    """``[N, C*H*W]`` after an independent random permutation of the H*W positions for every image
+    and every filter (paper Fig. 2). Keeps each filter's multiset of values per image (so its
+    magnitude statistics); destroys where it fired and the spatial co-occurrence across filters.
+
+    Deterministic for a given seed, input shape and device (keys are drawn on ``x.device``).
+    Image ``i`` of a batch gets the same permutations in every call with the same seed: vary
+    the seed per batch when a data set is shuffled in batches."""
+    _check_spatial(x, "spatial_shuffle")
+    n, c, h, w = x.shape
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    keys = torch.rand(n, c, h * w, generator=gen, device=x.device)
+    perm = torch.argsort(keys, dim=-1, stable=True)
+    return x.flatten(2).gather(-1, perm).flatten(1)
+
+
+def spatial_max(x: Tensor) -> Tensor:
+    """``[N, C]`` per-filter max over positions. Keeps each filter's peak magnitude; destroys its
+    location and every other value of the map."""
+    _check_spatial(x, "spatial_max")
+    return x.amax(dim=(2, 3))
+
+
+def binarize(x: Tensor, *, threshold: float = 0.0) -> Tensor:
+    """``[N, C*H*W]`` 0/1 of ``x > threshold``. Keeps where each filter fires; destroys how strongly."""
+    _check_spatial(x, "binarize")
+    return _binary(x > threshold, x).flatten(1)
+
+
+def spatial_max_binarize(x: Tensor, *, threshold: float = 0.0) -> Tensor:
+    """``[N, C]`` 0/1 of ``spatial_max(x) > threshold``: whether each filter fires anywhere.
+    Destroys location and magnitude."""
+    _check_spatial(x, "spatial_max_binarize")
+    return _binary(x.amax(dim=(2, 3)) > threshold, x)
+
+
+def binarize_loc(x: Tensor, *, threshold: float = 0.0) -> Tensor:
+    """``[N, C*H*W]`` binary map per filter with a single 1 at its max position (first position on
+    ties, row-major), paper Table 5 "sm-bn-lc". Keeps where each filter fires most; destroys
+    magnitudes and all other positions.
+
+    A filter whose max is ``<= threshold`` (e.g. silent after ReLU) gets an all-zero map: the max
+    is binarized like in :func:`spatial_max_binarize`, so a silent filter does not claim the
+    first position."""
+    _check_spatial(x, "binarize_loc")
+    flat = x.flatten(2)
+    best = flat.argmax(dim=-1, keepdim=True)
+    fired = flat.gather(-1, best) > threshold
+    out = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, best, fired)
+    return _binary(out, x).flatten(1)
