@@ -3,8 +3,8 @@ or the magnitude of filter activations is destroyed.
 
 Each function maps a batch of feature maps ``[N, C, H, W]`` to one feature vector per image,
 batch-independently except for :func:`spatial_shuffle`'s seed. Configs pick one by
-``_target_`` (``conf/ablations/*.yaml``, ``_partial_: true``; ``ablations=[unroll,shuffle]``). Only :func:`unroll` accepts
-non-spatial ``[N, D]`` (fc) features; the others raise ValueError on them.
+``_target_`` (``conf/ablations/*.yaml``, ``_partial_: true``; ``ablations=[unroll,shuffle]``).
+Only :func:`unroll` accepts non-spatial ``[N, D]`` (fc) features; the others raise ValueError on them.
 """
 
 from __future__ import annotations

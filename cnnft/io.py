@@ -44,3 +44,12 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     """Short hex digest of a JSON-serialisable object (key order does not matter)."""
     text = json.dumps(obj, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def files_fingerprint(paths: list[str | os.PathLike[str]]) -> str:
+    """Hash of the paths, sizes and modification times of files: changes when any is rewritten."""
+    stats = []
+    for p in paths:
+        st = os.stat(p)
+        stats.append((str(p), st.st_size, st.st_mtime_ns))
+    return stable_hash(stats)

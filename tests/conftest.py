@@ -15,8 +15,8 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 #: Tiny demo data and a tiny net: every in-process run takes seconds.
 TINY_DATA = [
     "data.demo_spec.imagenet_classes=5", "data.demo_spec.imagenet_train_per_class=8",
-    "data.demo_spec.imagenet_val_per_class=2", "data.demo_spec.voc_trainval=6",
-    "data.demo_spec.voc_test=6", "data.demo_spec.imagenet_size=[80,80]",
+    "data.demo_spec.imagenet_val_per_class=2", "data.demo_spec.voc_trainval=24",
+    "data.demo_spec.voc_test=24", "data.demo_spec.imagenet_size=[80,80]",
     "data.demo_spec.voc_size_range=[[90,120],[80,100]]",
 ]
 TINY_RUN = TINY_DATA + [

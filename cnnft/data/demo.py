@@ -33,7 +33,7 @@ from tqdm import tqdm
 from cnnft.data.voc import VOC_CLASSES
 from cnnft.errors import ConfigError, DataError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MANIFEST = "demo.json"
 
 Combo = tuple[str, str, str]  # (shape, colour, texture)
@@ -289,18 +289,21 @@ def _voc_object(label: int, covered: np.ndarray, visible: np.ndarray, truncated:
     return _Object(label, box, bool(small or occluded), truncated)
 
 
-def _render_voc(plan: _Plan, rng: np.random.Generator) -> tuple[np.ndarray, list[_Object]]:
-    """One VOC-like image with 1..max_objects class objects (15-60% of the shorter side)."""
+def _render_voc(plan: _Plan, rng: np.random.Generator, sure_label: int) -> tuple[np.ndarray, list[_Object]]:
+    """One VOC-like image with 1..max_objects class objects (15-60% of the shorter side); the
+    last one, drawn on top and at least 35% of the side, is of class ``sure_label``."""
     (wlo, whi), (hlo, hhi) = plan.spec.voc_size_range
     width, height = int(rng.integers(wlo, whi + 1)), int(rng.integers(hlo, hhi + 1))
     img = _background(rng, width, height)
     _add_clutter(img, rng, plan, (0.06, 0.12))
     owner = np.full((height, width), -1, np.int16)
     drawn = []
-    for k in range(int(rng.integers(1, plan.spec.max_objects + 1))):
-        label = int(rng.integers(len(plan.voc)))
+    count = int(rng.integers(1, plan.spec.max_objects + 1))
+    for k in range(count):
+        last = k == count - 1
+        label = sure_label if last else int(rng.integers(len(plan.voc)))
         center = (rng.uniform(0.1, 0.9) * width, rng.uniform(0.1, 0.9) * height)
-        radius = rng.uniform(0.15, 0.6) * min(width, height) / 2
+        radius = rng.uniform(0.35 if last else 0.15, 0.6) * min(width, height) / 2
         mask, truncated = _draw(img, rng, plan.voc[label], center, radius)
         covered = mask >= 128
         owner[covered] = k
@@ -351,7 +354,8 @@ def _write(path: Path, data: bytes) -> None:
 
 
 class _Task(NamedTuple):
-    """One image to render: split code (0/1 ImageNet train/val, 2 VOC), index, class, output."""
+    """One image to render: split code (0/1 ImageNet train/val, 2 VOC), index, class (for VOC:
+    the class it surely shows), output."""
 
     split: int
     index: int
@@ -367,7 +371,7 @@ def _run_task(plan: _Plan, task: _Task) -> list[_Object] | None:
             task.path, _jpeg(_render_imagenet(plan, task.class_index, rng), plan.spec.jpeg_quality)
         )
         return None
-    img, objects = _render_voc(plan, rng)
+    img, objects = _render_voc(plan, rng, task.class_index)
     _write(task.path, _jpeg(img, plan.spec.jpeg_quality))
     xml = _annotation_xml(task.path.stem, img.shape[1], img.shape[0], objects)
     _write(task.path.parent.parent / "Annotations" / f"{task.path.stem}.xml", xml)
@@ -459,7 +463,11 @@ def _build(tmp: Path, spec: DemoSpec, progress: bool) -> None:
     voc_root = tmp / "VOC2007"
     splits = _voc_ids(spec)
     voc_ids = sorted(splits["trainval"] + splits["test"])
-    voc_tasks = [_Task(2, int(i), -1, voc_root / "JPEGImages" / f"{i}.jpg") for i in voc_ids]
+    # the n-th image of each of trainval and test surely shows class n mod 20, so every class
+    # has positives in both splits once a split has 20 images
+    position = {i: n for split in ("trainval", "test") for n, i in enumerate(splits[split])}
+    voc_tasks = [_Task(2, int(i), position[i] % len(VOC_CLASSES), voc_root / "JPEGImages" / f"{i}.jpg")
+                 for i in voc_ids]
     results = _render_all(plan, _imagenet_tasks(spec, tmp / "imagenet") + voc_tasks, progress)
     objects = dict(zip(voc_ids, results[-len(voc_tasks) :]))
     _write_image_sets(voc_root, splits, objects)

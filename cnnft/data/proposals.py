@@ -1,8 +1,9 @@
 """Selective-search region proposals (OpenCV-contrib, fast mode), cached on disk per image.
 
-The cache lives in ``<cache_dir>/<hash of the settings>/<image_id>.npy``; changing any setting
-(mode, minimum size, maximum count, seed) selects another folder, so a cache can never be
-reused for settings it was not made with. Each file is written to a temporary name and renamed.
+The cache lives in ``<cache_dir>/<hash of the settings>/<image_id>_<file stamp>.npy``; changing
+any setting (mode, minimum size, maximum count, seed) selects another folder, and rewriting an
+image (its size or modification time) another file, so a cache is never reused for settings or
+pixels it was not made with. Each file is written to a temporary name and renamed.
 Proposals are computed once, in parallel worker processes (one OpenCV thread each).
 """
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from cnnft.data.images import load_rgb
 from cnnft.errors import DataError
-from cnnft.io import atomic_path, stable_hash
+from cnnft.io import atomic_path, files_fingerprint, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,8 @@ def compute_proposals(images: Sequence[tuple[str, str | Path]], cache_dir: str |
     """Proposals for ``(image_id, image_path)`` pairs, computing the missing ones in parallel."""
     folder = cache_folder(cache_dir, settings)
     folder.mkdir(parents=True, exist_ok=True)
-    missing = [(i, str(p), str(folder / f"{i}.npy"), settings) for i, p in images
-               if not (folder / f"{i}.npy").exists()]
+    files = {i: folder / f"{i}_{files_fingerprint([p])[:10]}.npy" for i, p in images}
+    missing = [(i, str(p), str(files[i]), settings) for i, p in images if not files[i].exists()]
     if missing:
         log.info("selective search on %d of %d images (cache %s)", len(missing), len(images), folder)
         from tqdm import tqdm
@@ -100,4 +101,4 @@ def compute_proposals(images: Sequence[tuple[str, str | Path]], cache_dir: str |
                 _compute_one(job)
                 bar.update()
         bar.close()
-    return {i: load_cached(folder / f"{i}.npy") for i, _ in images}
+    return {i: load_cached(files[i]) for i, _ in images}
