@@ -19,6 +19,7 @@ Run ``python bench/loader_throughput.py --help`` for the options.
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import os
 import statistics
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from train_throughput import MODELS, ModelSpec, make_batches, run_plain
+from train_throughput import MODELS, ForeignLoad, ModelSpec, make_batches, run_plain
 
 from cnnft.data.datamodules import ImageNetDataModule
 from cnnft.data.demo import DemoSpec, generate_demo
@@ -100,16 +101,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per-class", type=int, default=64, help="demo training images per class")
     p.add_argument("--repeats", type=int, default=3, help="runs per figure; medians reported")
     p.add_argument("--model-img-s", type=float, help="demo training img/s (skips measuring it)")
-    p.add_argument("--model-steps", type=int, default=8, help="timed steps of the model runs")
+    p.add_argument("--model-steps", type=int, default=15, help="timed steps of the model runs")
     p.add_argument("--e2e-steps", type=int, default=20,
-                   help="timed steps of the end-to-end run (0 skips it)")
+                   help="timed steps of the end-to-end runs (0 skips them)")
+    p.add_argument("--e2e-workers", type=int, nargs="+", default=[0, 1, DEFAULT_WORKERS],
+                   help="num_workers values of the end-to-end runs")
     p.add_argument("--root", type=Path, help="keep the demo data here (default: a temp folder)")
     return p.parse_args(argv)
 
 
 def measure(args: argparse.Namespace, imagenet_root: Path) -> dict[str, list[float]]:
-    """img/s samples of every figure; within a repeat the figures take turns."""
-    model = model_spec(args.batch_size, warmup=2, steps=args.model_steps)
+    """img/s samples of every figure; the figures take turns, in a rotating order."""
+    model = model_spec(args.batch_size, warmup=3, steps=args.model_steps)
     e2e = model_spec(args.batch_size, warmup=4, steps=args.e2e_steps)
     samples: dict[str, list[float]] = {}
     for r in range(args.repeats):
@@ -117,11 +120,11 @@ def measure(args: argparse.Namespace, imagenet_root: Path) -> dict[str, list[flo
                                                          args.epochs) for n in args.workers}
         if args.model_img_s is None:
             runs["model in-memory"] = lambda: model_rate(model)
-        if args.e2e_steps > 0:
-            runs[f"model fed w={DEFAULT_WORKERS}"] = lambda: end_to_end_rate(imagenet_root, e2e,
-                                                                              DEFAULT_WORKERS)
-        for name, run in runs.items():
-            samples.setdefault(name, []).append(run())
+        for n in args.e2e_workers if args.e2e_steps > 0 else []:
+            runs[f"model fed w={n}"] = lambda n=n: end_to_end_rate(imagenet_root, e2e, n)
+        order = list(runs)[r % len(runs):] + list(runs)[:r % len(runs)]  # rotate who goes first
+        for name in order:
+            samples.setdefault(name, []).append(runs[name]())
             print(f"  [repeat {r + 1}/{args.repeats}] {name:<16} {samples[name][-1]:8.1f} img/s",
                   flush=True)
     if args.model_img_s is not None:
@@ -149,10 +152,10 @@ def report(args: argparse.Namespace, samples: dict[str, list[float]], images: in
         ratio = statistics.median(samples[key]) / model
         print(f"goal loader(w={DEFAULT_WORKERS}) >= 2x model: {ratio:.2f}x, "
               f"{'MET' if ratio >= 2 else 'MISSED'}")
-    fed = samples.get(f"model fed w={DEFAULT_WORKERS}")
-    if fed:
+    for n in args.e2e_workers if args.e2e_steps > 0 else []:
+        fed = samples[f"model fed w={n}"]
         med = statistics.median(fed)
-        print(f"end to end: training fed by the loader (w={DEFAULT_WORKERS}) {med:.1f} img/s "
+        print(f"end to end: training fed by the loader (w={n}) {med:.1f} img/s "
               f"(min-max {min(fed):.1f}-{max(fed):.1f}) = {med / model:.1%} of in-memory")
 
 
@@ -165,9 +168,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         start = time.perf_counter()
         imagenet_root = make_demo(root, args.classes, args.per_class)
         print(f"demo data in {root} ({time.perf_counter() - start:.1f} s)")
+        load = ForeignLoad()
         samples = measure(args, imagenet_root)
+        gc.collect()  # shut the persistent workers down so that their CPU time counts as ours
+        foreign = load.share()
     images = args.classes * args.per_class // args.batch_size * args.batch_size
     report(args, samples, images)
+    print(f"other processes used {foreign:.0%} of the machine's CPU time during the runs")
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 
 

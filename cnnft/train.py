@@ -27,6 +27,9 @@ from cnnft.io import atomic_write
 
 log = logging.getLogger(__name__)
 
+#: The Hydra configs (absolute, so console scripts and ``python -m`` find the same folder).
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
 #: Config keys that define a run: resuming into a directory whose run differs in any of them
 #: is refused.
 RUN_IDENTITY = ("stage", "scale.name", "model", "datamodule", "module", "freeze", "seed")
@@ -144,7 +147,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics, _ = train(cfg)

@@ -31,11 +31,11 @@ TINY_RUN = TINY_DATA + [
 ]
 
 
-def compose_cfg(overrides: list[str], output_dir: Path, data_dir: Path) -> DictConfig:
-    """Compose ``conf/train.yaml`` as ``cnnft-train`` would, with the run directory set."""
+def compose_cfg(overrides: list[str], output_dir: Path, data_dir: Path, name: str = "train") -> DictConfig:
+    """Compose ``conf/<name>.yaml`` as the command would, with the run directory set."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose("train", overrides=[f"paths.data_dir={data_dir}", *overrides],
+        cfg = compose(name, overrides=[f"paths.data_dir={data_dir}", *overrides],
                       return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(output_dir)

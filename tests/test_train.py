@@ -193,7 +193,7 @@ def test_every_config_composes() -> None:
 
 
 def test_cli_help_runs() -> None:
-    out = subprocess.run([sys.executable, "-m", "cnnft.train", "--help"], capture_output=True,
-                         text=True, check=True)
+    script = Path(sys.executable).parent / "cnnft-train"  # the console script, not python -m
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
     assert "freeze: all, fc, upto_conv1" in out.stdout
     assert "stage: finetune, pretrain" in out.stdout and "scale: demo, paper" in out.stdout

@@ -1,0 +1,192 @@
+"""Linear-SVM probes of layers: the shared core of ``probe_cls`` and ``probe_gtbox``.
+
+A probe split is a dataset of network inputs with a ``[N, 20]`` boolean label matrix and an
+``ignore`` mask (VOC "difficult": 0 in the devkit's class files for images, the difficult flag
+for boxes). Ignored items are excluded from evaluation; in training they are excluded too by
+default (``train_difficult=False``), since a difficult example is neither a clear positive nor
+a negative.
+
+``run_probes`` extracts every layer in one pass per split (cached), applies each ablation, fits
+one-vs-rest SVMs on trainval and returns per-class test AP as rows
+``{layer, ablation, class, ap}`` with a ``class == "mAP"`` row per (layer, ablation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from cnnft.analysis import Analysis, AnalysisContext, save_figure, write_table
+from cnnft.data.datasets import WholeImageDataset, WindowDataset, collate_skipping
+from cnnft.data.voc import VOC_CLASSES, load_voc, read_class_labels
+from cnnft.errors import DataError
+from cnnft.features import extract_cached
+from cnnft.io import files_fingerprint
+from cnnft.metrics import mean_average_precision
+from cnnft.models.caffenet import PROBE_LAYERS
+from cnnft.svm import SVMConfig, fit_probe
+
+Ablation = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ProbeSplit:
+    """Inputs of one split and their labels: ``labels``/``ignore`` are bool ``[N, classes]``."""
+
+    name: str
+    dataset: Dataset
+    labels: np.ndarray
+    ignore: np.ndarray
+    transform: dict[str, Any]
+    fingerprint: str = ""
+
+
+def image_split(ctx: AnalysisContext, split: str, *, center_crop: bool = False) -> ProbeSplit:
+    """Whole VOC images with the devkit's image-level labels (1 positive, 0 difficult-only)."""
+    images = load_voc(ctx.voc_root, split)
+    ids, table = read_class_labels(ctx.voc_root, split)
+    if ids != [im.image_id for im in images]:
+        raise DataError(f"{ctx.voc_root}: the class files of split {split!r} list other images "
+                        f"than ImageSets/Main/{split}.txt")
+    resize = ctx.resize if center_crop else None
+    dataset = WholeImageDataset([im.path for im in images], crop=ctx.input_size, mean=ctx.mean,
+                                resize=resize)
+    return ProbeSplit(split, dataset, table == 1, table == 0,
+                      {"kind": "image", "crop": ctx.input_size, "resize": resize, "mean": ctx.mean},
+                      files_fingerprint([im.path for im in images]))
+
+
+def gtbox_split(ctx: AnalysisContext, split: str) -> ProbeSplit:
+    """Every ground-truth box of a split, cropped with context and warped; one class each."""
+    images = load_voc(ctx.voc_root, split)
+    index = np.concatenate([np.full(len(im.labels), i) for i, im in enumerate(images)])
+    boxes = np.concatenate([im.boxes for im in images])
+    classes = np.concatenate([im.labels for im in images])
+    difficult = np.concatenate([im.difficult for im in images])
+    dataset = WindowDataset([im.path for im in images], index, boxes, classes, crop=ctx.input_size,
+                            pad=ctx.context_pad, mean=ctx.mean, mirror=False)
+    labels = np.eye(len(VOC_CLASSES), dtype=bool)[classes]
+    ignore = np.repeat(difficult[:, None], len(VOC_CLASSES), axis=1)
+    return ProbeSplit(split, dataset, labels, ignore,
+                      {"kind": "gtbox", "crop": ctx.input_size, "pad": ctx.context_pad, "mean": ctx.mean},
+                      files_fingerprint([im.path for im in images]))
+
+
+def check_positives(split: ProbeSplit, root: object) -> None:
+    """Every class needs a (non-ignored) positive in the split, or its AP is undefined."""
+    count = (split.labels & ~split.ignore).sum(0)
+    empty = [cls for cls, n in zip(VOC_CLASSES, count, strict=True) if n == 0]
+    if empty:
+        raise DataError(f"{root}: split {split.name!r} ({split.transform['kind']}) has no positive "
+                        f"example of class(es) {empty}; every class needs one for its AP")
+
+
+def layer_features(model: nn.Module, split: ProbeSplit, layers: Sequence[str],
+                   ctx: AnalysisContext) -> dict[str, torch.Tensor]:
+    loader = DataLoader(split.dataset, batch_size=ctx.batch_size, num_workers=ctx.num_workers,
+                        collate_fn=collate_skipping)
+    key = {"model": ctx.model_key, "data": f"{ctx.voc_root}:{split.name}", "files": split.fingerprint,
+           "transform": split.transform}
+    return extract_cached(model, loader, layers, cache=ctx.cache, key_parts=key,
+                          progress=ctx.progress, desc=f"features {split.transform['kind']}/{split.name}")
+
+
+def applies(ablation: Ablation, features: torch.Tensor) -> bool:
+    """Spatial ablations need ``[N, C, H, W]``; fc features only take the plain vector."""
+    return features.dim() == 4 or getattr(ablation, "func", ablation).__name__ == "unroll"
+
+
+def run_probes(model: nn.Module, train: ProbeSplit, test: ProbeSplit, *, layers: Sequence[str],
+               ablations: Mapping[str, Ablation], svm: SVMConfig, ctx: AnalysisContext,
+               train_difficult: bool = False, ap_mode: str = "voc07") -> list[dict[str, Any]]:
+    """Per-class test AP of one-vs-rest SVMs for each layer and ablation (see module doc)."""
+    net = getattr(model, "net", model)
+    layers = net.check_layers(layers)
+    for split in (train, test):
+        check_positives(split, ctx.voc_root)
+    train_x, test_x = layer_features(model, train, layers, ctx), layer_features(model, test, layers, ctx)
+    ignore = None if train_difficult else torch.from_numpy(train.ignore)
+    rows: list[dict[str, Any]] = []
+    for layer in layers:
+        for name, ablation in ablations.items():
+            if not applies(ablation, train_x[layer]):
+                continue
+            xtr = ablation(train_x[layer]).flatten(1)
+            xte = ablation(test_x[layer]).flatten(1)
+            probe = fit_probe(xtr, torch.from_numpy(train.labels), cfg=svm, ignore=ignore)
+            scores = probe.decision_function(xte)
+            per_class, mean = mean_average_precision(scores, test.labels, difficult=test.ignore,
+                                                     mode=ap_mode)
+            rows += [{"layer": layer, "ablation": name, "class": cls, "ap": float(ap),
+                      "c": float(c)} for cls, ap, c in zip(VOC_CLASSES, per_class, probe.c, strict=True)]
+            rows.append({"layer": layer, "ablation": name, "class": "mAP", "ap": mean, "c": None})
+    return rows
+
+
+def plot_map_by_layer(rows: Sequence[dict[str, Any]], title: str) -> Any:
+    """Bars of mAP by layer, one colour per ablation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = [r for r in rows if r["class"] == "mAP"]
+    layers = list(dict.fromkeys(r["layer"] for r in means))
+    ablations = list(dict.fromkeys(r["ablation"] for r in means))
+    fig, ax = plt.subplots(figsize=(1.2 * len(layers) + 2, 3.5))
+    width = 0.8 / len(ablations)
+    for i, ab in enumerate(ablations):
+        xs, ys = zip(*[(layers.index(r["layer"]) + i * width, 100 * r["ap"])
+                       for r in means if r["ablation"] == ab], strict=True)
+        ax.bar(xs, ys, width=width, label=ab)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], layers)
+    ax.set_ylabel("mAP (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
+class ProbeAnalysis(Analysis):
+    """Linear-SVM probes of ``layers`` on VOC07 trainval -> test (see ``run_probes``).
+
+    Logged keys: ``<name>/<layer>/mAP`` (plain features) and ``<name>/<layer>/<ablation>/mAP``.
+    Files: ``results/<name>.json|csv`` (per layer, ablation, class: AP and chosen C) and
+    ``figures/<name>.png`` (mAP by layer).
+    """
+
+    name: ClassVar[str] = "probe"
+    title: ClassVar[str] = "probe"
+
+    def __init__(self, *, layers: Sequence[str] = PROBE_LAYERS,
+                 ablations: Mapping[str, Ablation] | None = None, svm: Mapping[str, Any] | None = None,
+                 train_split: str = "trainval", test_split: str = "test", train_difficult: bool = False,
+                 ap_mode: str = "voc07", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        from cnnft.ablations import unroll
+
+        self.layers, self.ablations = list(layers), dict(ablations or {"unroll": unroll})
+        self.svm = SVMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in (svm or {}).items()})
+        self.train_split, self.test_split = train_split, test_split
+        self.train_difficult, self.ap_mode = train_difficult, ap_mode
+
+    def split(self, ctx: AnalysisContext, split: str) -> ProbeSplit:
+        raise NotImplementedError
+
+    def run(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, float]:
+        rows = run_probes(model, self.split(ctx, self.train_split), self.split(ctx, self.test_split),
+                          layers=self.layers, ablations=self.ablations, svm=self.svm, ctx=ctx,
+                          train_difficult=self.train_difficult, ap_mode=self.ap_mode)
+        metrics = {}
+        for r in rows:
+            if r["class"] == "mAP":
+                ab = "" if r["ablation"] == "unroll" else f"{r['ablation']}/"
+                metrics[f"{self.name}/{r['layer']}/{ab}mAP"] = r["ap"]
+        write_table(ctx, self.name, rows, summary=metrics)
+        save_figure(ctx, plot_map_by_layer(rows, self.title), self.name)
+        return metrics

@@ -1,0 +1,504 @@
+"""Linear SVM probes: one-vs-rest squared-hinge SVMs for many classes, C values and folds at once.
+
+Each problem k minimises liblinear's L2-regularised L2-loss objective (scikit-learn's
+``LinearSVC(loss="squared_hinge", penalty="l2", class_weight={1: pos_weight, 0: 1},
+intercept_scaling=bias)``)::
+
+    0.5 * ||w||^2 + C_k * sum_i c_ik * max(0, 1 - y_ik * (w . [x_i, B]))^2,   y in {-1, +1}
+
+where the bias is an extra constant feature of value ``B = cfg.bias`` whose weight is regularised
+like the others (the decision is ``x . w[:D] + b`` with ``b = B * w[D]``), and ``c_ik`` is
+``pos_weight`` for positives, 1 for negatives and 0 for rows the problem must not see (held-out
+fold, ignored "difficult" image). All problems share the feature matrix, so one batched solver
+handles ``K = classes x C values x (folds + 1)`` of them: weights ``[N, K]``, solutions ``[K, D+1]``.
+
+Solver (``solver="torch"``): primal truncated Newton, as liblinear's ``-s 2`` but batched. The
+objective is piecewise quadratic and once differentiable; per Newton iteration the gradient is
+``w + 2 X^T (C c a (Xw - y))`` over the active set ``a = [y Xw < 1]`` and the Newton direction
+comes from batched conjugate gradient on ``H v = v + 2 X^T (C c a (X v))`` (two
+``[N, D] x [D, K]`` matmuls per step for all K problems, converged problems dropped from the
+matmuls). The step length is the exact minimiser of the piecewise-quadratic ``f(w + t d)``, found
+with a safeguarded 1-D Newton search that reuses ``X d`` (no extra matmul). Iterations stop when
+``||grad f(w)|| <= tol * ||grad f(0)||`` for every problem, or after ``max_iter`` Newton steps.
+
+The C grid is solved from small to large C, each problem warm-started from its solution at
+the previous C (``warm_start``; the classes and folds of one C form one batch); this halves the
+Newton iterations of the large C values. CG is not preconditioned: the Hessian is the identity
+plus a low-rank term whose few large eigenvalues (ReLU features share one dominant mean
+direction) CG absorbs in about one step each. Preconditioners that rescale those directions
+(liblinear's Hessian diagonal, or the exact diagonal in the top principal directions) broke that
+clustering: 2-4x more CG steps on l2-normalised pool5-like features, up to 50x on mean-norm ones.
+
+``solver="sklearn"`` is the reference: ``LinearSVC`` fitted one class, one C and one fold at a
+time (as VISSL's VOC07 SVMs), through the same API.
+
+C selection: rows are assigned to ``folds`` folds by a seeded random permutation (a stratified
+split is not defined for multi-label data); for each class and C the held-out scores of each fold
+give a VOC07 11-point AP ("ignore" rows left out), averaged over the folds in which the class has
+a held-out positive. The best C per class wins, ties going to the smaller C. ``fit_probe`` then
+uses the solution trained on all rows with that C.
+
+``train_svms`` and ``select_c`` take the features as they are; ``fit_probe`` normalises them
+(``cfg.normalize``) and its ``Probe.decision_function`` applies the same normalisation to test
+features (for ``"mean_norm"`` the scale learned on the training set).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cnnft.errors import ConfigError
+from cnnft.metrics import average_precision
+
+NORMALIZE_MODES = ("l2", "mean_norm", "none")
+SOLVERS = ("torch", "sklearn")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: CG stops at ``||residual|| <= CG_RTOL * ||gradient||`` (TRON's 0.1) or after CG_MAX_ITER steps
+CG_RTOL = 0.1
+CG_MAX_ITER = 200
+#: feature matrices with fewer elements are solved on one CPU thread (see ``_threads_for``)
+SMALL_PROBLEM = 1 << 21
+
+
+@dataclass
+class SVMConfig:
+    """Probe settings (``conf/probe/default.yaml``).
+
+    ``c_grid``: C values tried by cross-validation; ``folds``: k of k-fold CV; ``pos_weight``:
+    loss weight of positives; ``bias``: value B of the constant feature (liblinear's
+    ``intercept_scaling``); ``normalize``: ``"l2"`` (unit rows), ``"mean_norm"`` (R-CNN: one scale
+    so that the mean training row norm is ``target_norm``) or ``"none"``; ``tol``: relative
+    gradient-norm tolerance (for ``"sklearn"``: LinearSVC's ``tol``); ``max_iter``: Newton
+    iterations; ``solver``: ``"torch"`` or ``"sklearn"``; ``seed``: fold assignment. Torch solver
+    only: ``dtype``, ``warm_start``, ``max_problems`` (problems per batch, bounds the ``[N, K]``
+    buffers).
+    ``sklearn_max_iter``: LinearSVC's ``max_iter``."""
+
+    c_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1, 10)
+    folds: int = 3
+    pos_weight: float = 2.0
+    bias: float = 1.0
+    normalize: str = "l2"  # "l2" | "mean_norm" | "none"
+    target_norm: float = 20.0
+    tol: float = 1e-4
+    max_iter: int = 100
+    solver: str = "torch"  # or "sklearn"
+    seed: int = 0
+    dtype: str = "float32"  # or "float64"
+    warm_start: bool = True
+    max_problems: int = 512
+    sklearn_max_iter: int = 2000
+
+    def __post_init__(self) -> None:
+        self.c_grid = tuple(float(c) for c in self.c_grid)
+        if not self.c_grid or min(self.c_grid) <= 0 or len(set(self.c_grid)) != len(self.c_grid):
+            raise ConfigError(f"probe c_grid must be distinct positive values, got {list(self.c_grid)}")
+        if self.normalize not in NORMALIZE_MODES:
+            raise ConfigError(f"probe normalize={self.normalize!r}; expected one of {list(NORMALIZE_MODES)}")
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"probe solver={self.solver!r}; expected one of {list(SOLVERS)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"probe dtype={self.dtype!r}; expected one of {list(DTYPES)}")
+        if self.folds < 2 and len(self.c_grid) > 1:
+            raise ConfigError(f"probe folds={self.folds}: choosing among {len(self.c_grid)} C values "
+                              "needs at least 2 folds")
+        for key in ("pos_weight", "bias", "target_norm", "tol"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"probe {key} must be > 0, got {getattr(self, key)}")
+        if self.max_iter < 1 or self.max_problems < 1:
+            raise ConfigError("probe max_iter and max_problems must be >= 1")
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+def _mean_norm_scale(reference: Tensor, target_norm: float) -> float:
+    mean = reference.to(torch.float64).norm(dim=1).mean().item()
+    if not mean > 0:
+        raise ValueError("mean_norm: the reference features are all zero; no scale makes their mean "
+                         f"norm {target_norm}")
+    return target_norm / mean
+
+
+def normalize_features(x: Tensor, mode: str, target_norm: float = 20.0, *,
+                       reference: Tensor | None = None) -> Tensor:
+    """``"l2"``: each row to unit norm (zero rows stay zero); ``"mean_norm"``: all rows times one
+    scalar so that the mean row norm of ``reference`` (default ``x``; the training set when
+    normalising test features) is ``target_norm``; ``"none"``: ``x`` unchanged."""
+    if mode == "l2":
+        return x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    if mode == "mean_norm":
+        return x * _mean_norm_scale(x if reference is None else reference, target_norm)
+    if mode == "none":
+        return x
+    raise ConfigError(f"normalize mode {mode!r}; expected one of {list(NORMALIZE_MODES)}")
+
+
+# --------------------------------------------------------------------------- batched solver
+
+
+def _cg(F: Tensor, Dm: Tensor, b: Tensor) -> tuple[Tensor, int]:
+    """Solve ``(I + 2 F^T diag(Dm[:, k]) F) x_k = b_k`` for each row k of ``b`` by conjugate gradient,
+    dropping each problem from the matmuls once it has converged. Returns the solutions and the
+    number of steps of the slowest problem."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rr = (r * r).sum(1)
+    stop = CG_RTOL * b.norm(dim=1)
+    live = torch.nonzero(rr.sqrt() > stop).squeeze(1)
+    steps = 0
+    while live.numel() and steps < CG_MAX_ITER:
+        steps += 1
+        pl = p[live]
+        hp = pl + 2 * ((Dm[:, live] * (F @ pl.T)).T @ F)
+        alpha = rr[live] / (pl * hp).sum(1)
+        x[live] += alpha[:, None] * pl
+        rl = r[live] - alpha[:, None] * hp
+        r[live] = rl
+        rr_new = (rl * rl).sum(1)
+        going = rr_new.sqrt() > stop[live]
+        live, rl, pl, rr_new = live[going], rl[going], pl[going], rr_new[going]
+        if live.numel():
+            p[live] = rl + (rr_new / rr[live])[:, None] * pl
+            rr[live] = rr_new
+    return x, steps
+
+
+def _line_search(wd: Tensor, dd: Tensor, Z: Tensor, Zd: Tensor, T: Tensor, S: Tensor,
+                 iters: int = 30) -> Tensor:
+    """Per problem, the step t minimising ``f(w + t d)`` (piecewise quadratic in t), from
+    ``w.d``, ``d.d``, margins ``Z = F w`` and ``Zd = F d``: safeguarded Newton on ``f'(t) = 0``
+    (``f'`` is increasing) starting at t = 1 inside a shrinking bracket."""
+    t = torch.ones_like(wd)
+    lo = torch.zeros_like(t)
+    hi = torch.full_like(t, math.inf)
+    tiny = torch.finfo(t.dtype).tiny
+    for _ in range(iters):
+        zt = Z + t * Zd
+        act = S * (T * zt < 1).to(Z.dtype)
+        g = wd + t * dd + 2 * (act * (zt - T) * Zd).sum(0)
+        h = (dd + 2 * (act * Zd * Zd).sum(0)).clamp_min(tiny)
+        lo = torch.where(g < 0, t, lo)
+        hi = torch.where(g >= 0, t, hi)
+        t_new = t - g / h
+        outside = (t_new <= lo) | (t_new >= hi)
+        t_new = torch.where(outside, torch.where(torch.isinf(hi), 2 * t, (lo + hi) / 2), t_new)
+        done = bool(((t_new - t).abs() <= 1e-6 * t).all())
+        t = t_new
+        if done:
+            break
+    return t
+
+
+def _newton(F: Tensor, T: Tensor, S: Tensor, *, tol: float, max_iter: int, W0: Tensor | None = None,
+            stats: dict | None = None) -> Tensor:
+    """Solve K problems ``min 0.5 ||w_k||^2 + sum_i S[i,k] max(0, 1 - T[i,k] (F w_k)_i)^2``.
+
+    ``F`` [N, P] features (bias column included), ``T`` [N, K] targets in {-1, +1}, ``S`` [N, K]
+    per-row weights (C times class weight, 0 for rows the problem must not see), ``W0`` [K, P] a
+    starting point.
+    Returns W [K, P]. ``stats`` (if given) receives Newton iterations, CG steps, unconverged count."""
+    N, P = F.shape
+    K = T.shape[1]
+    W = torch.zeros(K, P, dtype=F.dtype, device=F.device) if W0 is None else W0.clone()
+    Z = F @ W.T
+    g0 = (2 * ((S * T).T @ F)).norm(dim=1)  # ||grad f(0)||, the reference of the stopping test
+    idx = torch.arange(K, device=F.device)
+    newton = cg = 0
+    while True:
+        Zi, Ti, Si = Z[:, idx], T[:, idx], S[:, idx]
+        Dm = Si * (Ti * Zi < 1).to(F.dtype)
+        G = W[idx] + 2 * ((Dm * (Zi - Ti)).T @ F)
+        going = G.norm(dim=1) > tol * g0[idx]
+        idx, G, Dm, Zi, Ti, Si = idx[going], G[going], Dm[:, going], Zi[:, going], Ti[:, going], Si[:, going]
+        if not idx.numel() or newton == max_iter:
+            break
+        newton += 1
+        d, steps = _cg(F, Dm, -G)
+        cg += steps
+        Zd = F @ d.T
+        t = _line_search((W[idx] * d).sum(1), (d * d).sum(1), Zi, Zd, Ti, Si)
+        W[idx] += t[:, None] * d
+        Z[:, idx] = Zi + t * Zd
+    if stats is not None:
+        stats["newton"] = stats.get("newton", 0) + newton
+        stats["cg"] = stats.get("cg", 0) + cg
+        stats["unconverged"] = stats.get("unconverged", 0) + idx.numel()
+    return W
+
+
+@contextmanager
+def _threads_for(F: Tensor) -> Iterator[None]:
+    """One intra-op thread for small CPU problems. Their many small ops gain little from threads,
+    and on a busy machine each parallel region waits for a descheduled worker: a 900 x 600 CV grid
+    took 36 s of CPU on 2 threads against 0.5 s on 1 while other jobs shared the 2 cores."""
+    old = torch.get_num_threads()
+    if F.device.type != "cpu" or F.numel() >= SMALL_PROBLEM or old == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _augment(x: Tensor, bias: float) -> Tensor:
+    return torch.cat([x, torch.full((x.shape[0], 1), bias, dtype=x.dtype, device=x.device)], 1)
+
+
+def _solve_grid(F: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: Sequence[float],
+                cfg: SVMConfig, stats: dict | None = None) -> Tensor:
+    """All problems (C, class, row mask): ``y`` [N, n] bool, ``weight`` [N, n] class weights (0 =
+    ignored), ``masks`` [N, m] rows seen by each mask. Returns W [len(c_values), n, m, P]."""
+    N, P = F.shape
+    n, m = y.shape[1], masks.shape[1]
+    pairs = [(cls, j) for cls in range(n) for j in range(m)]
+    order = sorted(range(len(c_values)), key=lambda i: c_values[i])
+    # warm start: one C at a time, small to large; otherwise every C in the same batch
+    stages = [[i] for i in order] if cfg.warm_start else [order]
+    out = torch.zeros(len(c_values), n, m, P, dtype=F.dtype, device=F.device)
+    ypm = y.to(F.dtype) * 2 - 1
+    per_chunk = max(1, cfg.max_problems // len(stages[0]))
+    for start in range(0, len(pairs), per_chunk):
+        chunk = pairs[start:start + per_chunk]
+        cls = torch.tensor([p[0] for p in chunk], device=F.device)
+        msk = torch.tensor([p[1] for p in chunk], device=F.device)
+        prev = None
+        for stage in stages:
+            c = torch.tensor([c_values[i] for i in stage], dtype=F.dtype, device=F.device)
+            T = ypm[:, cls].repeat(1, len(stage))
+            S = (weight[:, cls] * masks[:, msk]).repeat(1, len(stage)) * c.repeat_interleave(len(chunk))
+            W = _newton(F, T, S, tol=cfg.tol, max_iter=cfg.max_iter, W0=prev, stats=stats)
+            W = W.view(len(stage), len(chunk), P)
+            for i, ci in enumerate(stage):
+                out[ci, cls, msk] = W[i]
+            prev = W[-1]
+    if stats is not None and stats.get("unconverged"):
+        warnings.warn(f"SVM solver: {stats['unconverged']} problem(s) stopped at max_iter={cfg.max_iter} "
+                      f"Newton iterations before reaching tol={cfg.tol}", RuntimeWarning, stacklevel=3)
+    return out
+
+
+# --------------------------------------------------------------------------- inputs, folds, CV
+
+
+def _inputs(x: Tensor, y: Tensor, ignore: Tensor | None, cfg: SVMConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Features in the solver's dtype, labels as bool [N, n], class weights [N, n] (0 = ignored)."""
+    x = torch.as_tensor(x)
+    if x.dim() != 2:
+        raise ValueError(f"features must be [N, D], got shape {tuple(x.shape)}")
+    x = x.to(DTYPES[cfg.dtype])
+    y = torch.as_tensor(y, device=x.device)
+    y = y[:, None] if y.dim() == 1 else y
+    if y.shape[0] != x.shape[0] or y.dim() != 2:
+        raise ValueError(f"labels must be [N, num_classes] with N={x.shape[0]}, got {tuple(y.shape)}")
+    if y.dtype != torch.bool:
+        if ((y != 0) & (y != 1)).any():
+            raise ValueError("labels must be boolean or 0/1")
+        y = y != 0
+    weight = torch.where(y, cfg.pos_weight, 1.0).to(x.dtype)
+    if ignore is not None:
+        ignore = torch.as_tensor(ignore, device=x.device)
+        ignore = ignore[:, None] if ignore.dim() == 1 else ignore
+        if ignore.shape != y.shape:
+            raise ValueError(f"ignore mask has shape {tuple(ignore.shape)}, expected {tuple(y.shape)}")
+        weight = weight * (ignore == 0)
+    return x, y, weight
+
+
+def fold_ids(n: int, folds: int, seed: int) -> Tensor:
+    """Seeded random assignment of ``n`` rows to ``folds`` folds of (almost) equal size."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    ids = torch.empty(n, dtype=torch.long)
+    ids[perm] = torch.arange(n) % folds
+    return ids
+
+
+def _cv_table(scores: np.ndarray, y: np.ndarray, keep: np.ndarray, fold: np.ndarray) -> np.ndarray:
+    """Mean held-out AP over folds: ``scores`` [nC, n, folds, N] (full rows), ``y``/``keep`` [N, n]."""
+    n_c, n, folds, _ = scores.shape
+    table = np.full((n, n_c), np.nan)
+    for cls in range(n):
+        valid = [f for f in range(folds) if (y[:, cls] & keep[:, cls] & (fold == f)).any()]
+        for ci in range(n_c):
+            aps = []
+            for f in valid:
+                rows = keep[:, cls] & (fold == f)
+                aps.append(average_precision(scores[ci, cls, f, rows], y[rows, cls]))
+            if aps:
+                table[cls, ci] = float(np.mean(aps))
+    return table
+
+
+def _best_c(table: np.ndarray, c_grid: Sequence[float]) -> Tensor:
+    """Per class, the C of the highest CV AP (ties and all-NaN rows: the smallest such C)."""
+    order = np.argsort(c_grid, kind="stable")
+    best = []
+    for row in table:
+        r = np.nan_to_num(row[order], nan=-np.inf)
+        best.append(c_grid[order[int(np.argmax(r >= r.max()))]])
+    return torch.tensor(best, dtype=torch.float64)
+
+
+def _fold_masks(n: int, cfg: SVMConfig, device: torch.device, full: bool) -> tuple[Tensor, Tensor]:
+    fold = fold_ids(n, cfg.folds, cfg.seed) if cfg.folds >= 2 else torch.zeros(n, dtype=torch.long)
+    cols = [fold != f for f in range(cfg.folds)] if cfg.folds >= 2 else []
+    if full:
+        cols.append(torch.ones(n, dtype=torch.bool))
+    return fold, torch.stack(cols, 1).to(device)
+
+
+# --------------------------------------------------------------------------- scikit-learn reference
+
+
+def _sk_fit(x64: np.ndarray, y: np.ndarray, rows: np.ndarray, c: float, cfg: SVMConfig) -> np.ndarray:
+    """LinearSVC on ``rows``: ``[D+1]`` weights with the bias weight last (``b = B * w[D]``).
+    A single-class training set (LinearSVC refuses it) falls back to the torch solver."""
+    from sklearn.svm import LinearSVC
+
+    ys = y[rows]
+    if ys.all() or not ys.any():
+        F = _augment(torch.from_numpy(x64[rows]), cfg.bias)
+        t = torch.from_numpy(np.where(ys, 1.0, -1.0))[:, None]
+        s = torch.from_numpy(c * np.where(ys, cfg.pos_weight, 1.0))[:, None]
+        return _newton(F, t, s, tol=cfg.tol, max_iter=cfg.max_iter)[0].numpy()
+    svc = LinearSVC(C=c, loss="squared_hinge", penalty="l2", dual="auto", tol=cfg.tol,
+                    max_iter=cfg.sklearn_max_iter, class_weight={1: cfg.pos_weight, 0: 1.0},
+                    fit_intercept=True, intercept_scaling=cfg.bias)
+    svc.fit(x64[rows], ys.astype(np.int64))
+    return np.append(svc.coef_[0], svc.intercept_[0] / cfg.bias)
+
+
+def _sk_grid(x: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: Sequence[float],
+             cfg: SVMConfig) -> Tensor:
+    """``_solve_grid`` with one LinearSVC per (C, class, mask); ignored rows are left out."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    x64 = x.detach().cpu().numpy().astype(np.float64)
+    yn, seen = y.cpu().numpy(), (weight > 0).cpu().numpy()
+    mn = masks.cpu().numpy()
+    out = np.zeros((len(c_values), y.shape[1], mn.shape[1], x.shape[1] + 1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        for cls in range(y.shape[1]):
+            for ci, c in enumerate(c_values):
+                for j in range(mn.shape[1]):
+                    out[ci, cls, j] = _sk_fit(x64, yn[:, cls], mn[:, j] & seen[:, cls], c, cfg)
+    n_warn = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+    if n_warn:
+        warnings.warn(f"LinearSVC did not converge in {n_warn} fit(s) (max_iter={cfg.sklearn_max_iter})",
+                      RuntimeWarning, stacklevel=3)
+    return torch.from_numpy(out).to(x.device, x.dtype)
+
+
+def _grid(x: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: Sequence[float], cfg: SVMConfig,
+          stats: dict | None = None) -> Tensor:
+    if cfg.solver == "sklearn":
+        return _sk_grid(x, y, weight, masks, c_values, cfg)
+    F = _augment(x, cfg.bias)
+    with _threads_for(F):
+        return _solve_grid(F, y, weight, masks, c_values, cfg, stats)
+
+
+def _split(W: Tensor, bias: float) -> tuple[Tensor, Tensor]:
+    return W[..., :-1], bias * W[..., -1]
+
+
+# --------------------------------------------------------------------------- public API
+
+
+@torch.no_grad()
+def train_svms(x: Tensor, y: Tensor, c: float | Tensor, *, cfg: SVMConfig, ignore: Tensor | None = None
+               ) -> tuple[Tensor, Tensor]:
+    """One-vs-rest SVMs on all rows of ``x`` [N, D] (used as given, not normalised) for labels
+    ``y`` [N, n] (bool or 0/1), with ``c`` one C for all classes or ``[n]`` per class; ``ignore``
+    [N, n] marks rows a class must not see. Returns ``W`` [n, D] and ``b`` [n]."""
+    x, y, weight = _inputs(x, y, ignore, cfg)
+    n = y.shape[1]
+    c = torch.as_tensor(c, dtype=torch.float64).flatten().cpu()
+    c = c.expand(n) if c.numel() == 1 else c
+    if c.numel() != n:
+        raise ValueError(f"c has {c.numel()} values for {n} classes")
+    full = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
+    values = sorted(set(c.tolist()))
+    W = _grid(x, y, weight, full, values, cfg)  # [len(values), n, 1, D+1]
+    pick = torch.tensor([values.index(v) for v in c.tolist()], device=x.device)
+    return _split(W[pick, torch.arange(n, device=x.device), 0], cfg.bias)
+
+
+def _select(x: Tensor, y: Tensor, weight: Tensor, cfg: SVMConfig, *, full: bool, stats: dict | None = None
+            ) -> tuple[Tensor, np.ndarray, Tensor | None]:
+    """CV table, best C and (with ``full``) the all-rows solutions [nC, n, D+1]."""
+    fold, masks = _fold_masks(x.shape[0], cfg, x.device, full)
+    W = _grid(x, y, weight, masks, cfg.c_grid, cfg, stats)
+    n_cv = cfg.folds if cfg.folds >= 2 else 0
+    if n_cv:
+        Wcv, bcv = _split(W[:, :, :n_cv], cfg.bias)
+        scores = torch.einsum("nd,ckfd->ckfn", x, Wcv) + bcv[..., None]
+        table = _cv_table(scores.double().cpu().numpy(), y.cpu().numpy(), (weight > 0).cpu().numpy(),
+                          fold.numpy())
+    else:
+        table = np.full((y.shape[1], len(cfg.c_grid)), np.nan)
+    return _best_c(table, cfg.c_grid), table, (W[:, :, -1] if full else None)
+
+
+@torch.no_grad()
+def select_c(x: Tensor, y: Tensor, *, cfg: SVMConfig, ignore: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Cross-validated choice of C per class on ``x`` as given (see the module doc).
+
+    Returns ``best_c`` [n] and ``cv_ap`` [n, len(cfg.c_grid)] (mean held-out VOC07 AP; NaN for a
+    class without held-out positives, whose C is then the smallest)."""
+    x, y, weight = _inputs(x, y, ignore, cfg)
+    best, table, _ = _select(x, y, weight, cfg, full=False)
+    return best, torch.from_numpy(table)
+
+
+@dataclass
+class Probe:
+    """A fitted probe: ``W`` [n, D], ``b`` [n], chosen ``c`` [n], ``cv_ap`` [n, len(c_grid)], and
+    the feature normalisation (``normalize`` mode and ``scale``, the multiplier of ``"mean_norm"``)."""
+
+    W: Tensor
+    b: Tensor
+    c: Tensor
+    cv_ap: Tensor
+    c_grid: tuple[float, ...]
+    normalize: str
+    scale: float = 1.0
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        x = torch.as_tensor(x).to(self.W.device, self.W.dtype)
+        if self.normalize == "l2":
+            return normalize_features(x, "l2")
+        return x * self.scale if self.normalize == "mean_norm" else x
+
+    @torch.no_grad()
+    def decision_function(self, x_test: Tensor) -> Tensor:
+        """Scores [N, n] of test features, normalised as the training features were."""
+        return self._prepare(x_test) @ self.W.T + self.b
+
+
+@torch.no_grad()
+def fit_probe(x_train: Tensor, y_train: Tensor, *, cfg: SVMConfig, ignore: Tensor | None = None,
+              stats: dict | None = None) -> Probe:
+    """Normalise ``x_train`` (``cfg.normalize``), choose C per class by cross-validation and keep
+    the SVMs trained on all rows with that C. One batch (torch solver) covers every class, C and
+    fold plus the all-rows problems. ``stats`` (torch solver) receives iteration counts."""
+    x, y, weight = _inputs(x_train, y_train, ignore, cfg)
+    scale = _mean_norm_scale(x, cfg.target_norm) if cfg.normalize == "mean_norm" else 1.0
+    x = normalize_features(x, "l2") if cfg.normalize == "l2" else x * scale
+    best, table, Wfull = _select(x, y, weight, cfg, full=True, stats=stats)
+    pick = torch.tensor([cfg.c_grid.index(v) for v in best.tolist()], device=x.device)
+    W, b = _split(Wfull[pick, torch.arange(y.shape[1], device=x.device)], cfg.bias)
+    return Probe(W=W, b=b, c=best, cv_ap=torch.from_numpy(table), c_grid=cfg.c_grid,
+                 normalize=cfg.normalize, scale=scale)
