@@ -186,8 +186,9 @@ def test_select_c_ties_go_to_the_smaller_c_and_empty_classes_are_handled() -> No
     assert torch.equal(cv[:3], torch.ones(3, 3, dtype=cv.dtype))  # separable: every C gives AP 1
     assert torch.isnan(cv[3]).all()
     assert best.tolist() == [0.01] * 4
-    probe = fit_probe(x, y, cfg=SVMConfig(c_grid=grid, folds=3))
-    assert torch.isfinite(probe.decision_function(x)).all()
+    for solver in ("torch", "sklearn"):  # LinearSVC refuses one-class data: the torch solver steps in
+        probe = fit_probe(x, y, cfg=SVMConfig(c_grid=grid, folds=3, solver=solver))
+        assert torch.isfinite(probe.decision_function(x)).all() and probe.c.tolist() == [0.01] * 4
 
 
 def test_ignored_rows_leave_cross_validation_ap() -> None:
