@@ -10,10 +10,13 @@ epoch (worker start-up), then times ``--epochs`` whole epochs.
 The loader figure is compared with the demo net's training img/s (a plain loop on in-memory
 batches, measured in the same process, or ``--model-img-s``); the goal is a ratio >= 2 with the
 default 2 workers. Because the loader and the model share this machine's cores, the script also
-trains the demo net fed by the real loader ("end to end") and compares that with in-memory
-batches.
+trains the demo net fed by the real loader ("end to end": 4 untimed + ``--e2e-steps`` steps, which
+fit in one epoch of the default 1600 images, so no epoch restart is timed) and compares that with
+in-memory batches. Denormals are flushed to zero, as in ``cnnft.train`` (``--no-flush-denormal``
+turns that off).
 
-Run ``python bench/loader_throughput.py --help`` for the options.
+Run it as a script, ``python bench/loader_throughput.py`` (it imports its sibling
+``train_throughput``); ``--help`` lists the options.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from cnnft.data.demo import DemoSpec, generate_demo
 
 RESIZE, CROP = 184, 163  # conf/scale/demo.yaml
 DEFAULT_WORKERS = 2  # conf/scale/demo.yaml data.num_workers
+E2E_WARMUP = 4  # untimed steps of an end-to-end run (worker start-up, prefetch queue)
 
 
 def make_demo(root: Path, classes: int, per_class: int) -> Path:
@@ -97,8 +101,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="num_workers values")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=2, help="timed epochs per loader run")
-    p.add_argument("--classes", type=int, default=10, help="demo classes to generate")
-    p.add_argument("--per-class", type=int, default=64, help="demo training images per class")
+    p.add_argument("--classes", type=int, default=20, help="demo classes to generate")
+    p.add_argument("--per-class", type=int, default=80, help="demo training images per class")
     p.add_argument("--repeats", type=int, default=3, help="runs per figure; medians reported")
     p.add_argument("--model-img-s", type=float, help="demo training img/s (skips measuring it)")
     p.add_argument("--model-steps", type=int, default=15, help="timed steps of the model runs")
@@ -107,13 +111,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--e2e-workers", type=int, nargs="+", default=[0, 1, DEFAULT_WORKERS],
                    help="num_workers values of the end-to-end runs")
     p.add_argument("--root", type=Path, help="keep the demo data here (default: a temp folder)")
+    p.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.set_flush_denormal, as conf/train.yaml's flush_denormal (default on)")
     return p.parse_args(argv)
 
 
 def measure(args: argparse.Namespace, imagenet_root: Path) -> dict[str, list[float]]:
     """img/s samples of every figure; the figures take turns, in a rotating order."""
     model = model_spec(args.batch_size, warmup=3, steps=args.model_steps)
-    e2e = model_spec(args.batch_size, warmup=4, steps=args.e2e_steps)
+    e2e = model_spec(args.batch_size, warmup=E2E_WARMUP, steps=args.e2e_steps)
     samples: dict[str, list[float]] = {}
     for r in range(args.repeats):
         runs = {f"loader w={n}": lambda n=n: loader_rate(imagenet_root, args.batch_size, n,
@@ -152,17 +158,20 @@ def report(args: argparse.Namespace, samples: dict[str, list[float]], images: in
         ratio = statistics.median(samples[key]) / model
         print(f"goal loader(w={DEFAULT_WORKERS}) >= 2x model: {ratio:.2f}x, "
               f"{'MET' if ratio >= 2 else 'MISSED'}")
+    restarts = (E2E_WARMUP + args.e2e_steps - 1) // (images // args.batch_size)
     for n in args.e2e_workers if args.e2e_steps > 0 else []:
         fed = samples[f"model fed w={n}"]
         med = statistics.median(fed)
         print(f"end to end: training fed by the loader (w={n}) {med:.1f} img/s "
-              f"(min-max {min(fed):.1f}-{max(fed):.1f}) = {med / model:.1%} of in-memory")
+              f"(min-max {min(fed):.1f}-{max(fed):.1f}) = {med / model:.1%} of in-memory"
+              + (f" ({restarts} epoch restarts timed)" if restarts else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    torch.set_flush_denormal(args.flush_denormal)  # before any torch op starts the thread pool
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f}")
+          f"flush_denormal {args.flush_denormal}, load average {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory(prefix="cnnft-bench-") as tmp:
         root = args.root or Path(tmp)
         start = time.perf_counter()

@@ -22,8 +22,10 @@ Two ways to run them (``--mode``):
 * ``separate``: each variant is a whole run of its own, the runs taking turns (rotating order);
   a run's clock is ``on_train_batch_end`` (Lightning) or the end of each loop step (plain).
 
-Warm-up steps are not timed. Rates: ``img/s`` = timed images / timed seconds of a run (median over
-runs); ``median-step img/s`` = batch / median step time (insensitive to short bursts of load).
+Denormal floats are flushed to zero, as ``cnnft.train`` does with ``conf/train.yaml``'s
+``flush_denormal: true`` (``--no-flush-denormal`` turns that off). Warm-up steps are not timed.
+Rates: ``img/s`` = timed images / timed seconds of a run (median over runs); ``median-step
+img/s`` = batch / median step time (insensitive to short bursts of load).
 
 FLOP utilisation: training FLOPs per image x img/s / the fp32 ``torch.mm`` rate measured here with
 the same threads. FLOPs count the conv and fc layers (2 per multiply-add) analytically: forward
@@ -387,6 +389,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="runs per variant, medians reported (default: "
                    "demo 3, caffenet 2)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.set_flush_denormal, as conf/train.yaml's flush_denormal (default on)")
     p.add_argument("--no-lightning", action="store_true", help="plain loops only")
     p.add_argument("--diagnostics", action="store_true",
                    help="add plain loops with SGD(fused=True) and without LRN (not cnnft's)")
@@ -406,6 +410,7 @@ def quiet_lightning() -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    torch.set_flush_denormal(args.flush_denormal)  # before any torch op starts the thread pool
     if args.threads:
         torch.set_num_threads(args.threads)
     quiet_lightning()
@@ -416,7 +421,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     variants = ["plain", "plain-nchw", *([] if args.no_lightning else ["lightning"]),
                 *(["plain-fused", "plain-nolrn"] if args.diagnostics else [])]
     print(f"torch {torch.__version__}, lightning {L.__version__}, {torch.get_num_threads()} "
-          f"threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+          f"threads, {os.cpu_count()} CPUs, flush_denormal {args.flush_denormal}, load average "
+          f"{os.getloadavg()[0]:.2f}")
     load = ForeignLoad()
     peak = matmul_gflops()
     print(f"fp32 torch.mm 2048x2048: {peak:.1f} GFLOP/s (median of 5; other processes used "

@@ -100,3 +100,24 @@ def test_class_without_positives_is_named(snapshot_run: Path, tmp_path: Path) ->
                        "data.generate_demo=false"], tmp_path / "out", small)
     with pytest.raises(DataError, match=r"split 'trainval' \(image\) has no positive example of class"):
         analyze(cfg)
+
+
+def test_every_layer_above_chance_and_solvers_agree(snapshot_run: Path, data_dir: Path,
+                                                    tmp_path: Path) -> None:
+    """On real (tiny demo) features: every layer's probe beats chance (the AP of random scores is
+    about each class's positive rate), and the torch solver matches sklearn's LinearSVC within
+    0.5 mAP points on the same features."""
+    from cnnft.data.voc import read_class_labels
+
+    ckpt = snapshot_run / "checkpoints" / "last.ckpt"
+    maps = {}
+    for solver in ("torch", "sklearn"):
+        cfg = analyze_cfg([f"checkpoint={ckpt}", f"probe.solver={solver}"], tmp_path / solver, data_dir)
+        maps[solver] = analyze(cfg)[str(ckpt)]
+    _, table = read_class_labels(data_dir / "demo" / "VOC2007", "test")
+    chance = float(((table == 1).sum(0) / (table != 0).sum(0)).mean())
+    layers = ["pool1", "pool2", "relu3", "relu4", "pool5", "relu6", "relu7"]
+    for layer in layers:
+        key = f"probe_cls/{layer}/mAP"
+        assert maps["torch"][key] > chance + 0.15, (layer, maps["torch"][key], chance)
+        assert maps["torch"][key] == pytest.approx(maps["sklearn"][key], abs=0.005), layer
