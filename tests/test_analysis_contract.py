@@ -6,8 +6,8 @@
 * it runs as a training callback on the tiny demo net and writes ``results/<name>.json``;
 * its state is saved in the checkpoint, handed back on ``resume=auto``, and it runs again after.
 
-Analyses sharing the same ``contract_overrides`` share one tiny training run (4 steps, then
-resumed to 6), built on first use.
+Analyses sharing the same ``contract_overrides`` share one tiny training run (2 steps, then
+resumed to 4), built on first use.
 """
 
 from __future__ import annotations
@@ -49,9 +49,10 @@ def discover() -> dict[str, type[Analysis]]:
 ANALYSES = discover()
 NAMES = sorted(ANALYSES)
 
-#: The tiny run, made cheaper for the probes; checkpoints every 2 steps so step 4 is resumable.
-CONTRACT_RUN = [*TINY_RUN, "layers=[pool5]", "probe.c_grid=[1.0]", "probe.folds=2", "checkpoint_every=2"]
-FIRST_STEPS, RESUMED_STEPS = 4, 6
+FIRST_STEPS, RESUMED_STEPS = 2, 4
+#: The tiny run, made cheaper for the probes; a checkpoint and a snapshot at each part's end.
+CONTRACT_RUN = [*TINY_RUN, "layers=[pool5]", "probe.c_grid=[1.0]", "probe.folds=2",
+                f"checkpoint_every={FIRST_STEPS}", f"snapshots=[{FIRST_STEPS},{RESUMED_STEPS}]"]
 
 
 def overrides_of(cls: type[Analysis], pretrained: Path | str) -> list[str]:
