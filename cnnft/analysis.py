@@ -10,7 +10,8 @@ offers the writers every analysis uses: ``results/<name>.json`` and ``.csv``, fi
 
 When it fires (any combination): ``at_fit_end``; ``every_n_steps``; ``at_snapshots``: at each
 iteration a :class:`cnnft.callbacks.IterationSnapshots` callback of the same trainer saves a
-snapshot (after the snapshot is written). It never fires twice at the same step (same weights).
+snapshot (after the snapshot is written). It never runs twice at the same step (same weights):
+a second firing at that step only finalizes again.
 
 Analyses that combine several models (one row per training iteration, say) keep what ``run``
 found in their state (``state_dict``, so it survives a resume) and write the combined outputs
@@ -77,7 +78,8 @@ class AnalysisContext:
 
 
 class Analysis(L.Callback):
-    """Base class of analyses (see the module doc for when they fire).
+    """Base class of analyses: fires ``at_fit_end``, ``every_n_steps`` and/or ``at_snapshots``
+    (see the module doc).
 
     ``contract_overrides``: extra config overrides the contract tests need to run this analysis
     in a tiny training run (``{pretrained}`` is replaced by a tiny pretrained checkpoint).
@@ -139,6 +141,7 @@ class Analysis(L.Callback):
         """Run on global rank zero with the trainer's run directory and loggers, then finalize.
         A second call at the step of the last run only finalizes (same weights, more logs)."""
         step = trainer.global_step
+        due = self.last_step != step
         if trainer.is_global_zero:
             from cnnft.features import model_digest
 
@@ -146,12 +149,12 @@ class Analysis(L.Callback):
                 pl_module.run_config, Path(pl_module.run_config["paths"]["output_dir"]),
                 model_digest(pl_module), loggers=trainer.loggers, step=step,
                 device=str(pl_module.device), progress=False)
-            if self.last_step != step:
+            if due:
                 metrics = self.run(pl_module, ctx)
                 for logger in trainer.loggers:
                     logger.log_metrics(metrics, step=step)
             self.finalize(ctx)
-        if self.last_step != step:
+        if due:
             self.runs += 1
             self.last_step = step
         trainer.strategy.barrier(f"analysis {self.name}")
