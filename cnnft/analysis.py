@@ -7,6 +7,17 @@ rank zero, logs the returned metrics (``<analysis>/<layer>/<stat>``) to every lo
 offers the writers every analysis uses: ``results/<name>.json`` and ``.csv``, figures under
 ``figures/``, and a W&B table when a W&B logger is attached. ``cnnft-analyze`` calls the same
 ``run`` on checkpoints.
+
+When it fires (any combination): ``at_fit_end``; ``every_n_steps``; ``at_snapshots``: at each
+iteration a :class:`cnnft.callbacks.IterationSnapshots` callback of the same trainer saves a
+snapshot (after the snapshot is written). It never runs twice at the same step (same weights):
+a second firing at that step only finalizes again.
+
+Analyses that combine several models (one row per training iteration, say) keep what ``run``
+found in their state (``state_dict``, so it survives a resume) and write the combined outputs
+in ``finalize(ctx)``: ``cnnft-analyze`` calls it once after the last checkpoint with the root
+output directory, and ``fire`` calls it after every run during training (the run directory then
+holds the combined outputs so far).
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -50,6 +62,7 @@ class AnalysisContext:
     num_workers: int = 0
     device: str = "cpu"
     progress: bool = True
+    checkpoint: Path | None = None  # the analysed checkpoint file (cnnft-analyze), if any
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], output_dir: Path, model_key: str, **extra: Any
@@ -65,17 +78,29 @@ class AnalysisContext:
 
 
 class Analysis(L.Callback):
-    """Base class of analyses. ``every_n_steps``: also run during training; ``at_fit_end``."""
+    """Base class of analyses: fires ``at_fit_end``, ``every_n_steps`` and/or ``at_snapshots``
+    (see the module doc).
+
+    ``contract_overrides``: extra config overrides the contract tests need to run this analysis
+    in a tiny training run (``{pretrained}`` is replaced by a tiny pretrained checkpoint).
+    """
 
     name: ClassVar[str] = "analysis"
+    contract_overrides: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, *, every_n_steps: int | None = None, at_fit_end: bool = True) -> None:
-        self.every_n_steps, self.at_fit_end = every_n_steps, at_fit_end
+    def __init__(self, *, every_n_steps: int | None = None, at_fit_end: bool = True,
+                 at_snapshots: bool = False) -> None:
+        self.every_n_steps, self.at_fit_end, self.at_snapshots = every_n_steps, at_fit_end, at_snapshots
         self.runs = 0
+        self.last_step: int | None = None
+        self._snapshot_steps: frozenset[int] = frozenset()
 
     def run(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, float]:
         """Compute, write results and figures, and return flat metrics to log."""
         raise NotImplementedError
+
+    def finalize(self, ctx: AnalysisContext) -> None:
+        """Write outputs that combine every ``run`` so far into ``ctx.output_dir`` (default: none)."""
 
     # ------------------------------------------------------------------ Lightning hooks
     @property
@@ -83,14 +108,28 @@ class Analysis(L.Callback):
         return f"{type(self).__name__}[{self.name}]"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"runs": self.runs}
+        return {"runs": self.runs, "last_step": self.last_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.runs = int(state_dict.get("runs", 0))
+        self.last_step = state_dict.get("last_step")
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from cnnft.callbacks import IterationSnapshots
+
+        if not self.at_snapshots:
+            return
+        sources = [cb for cb in trainer.callbacks if isinstance(cb, IterationSnapshots)]
+        self._snapshot_steps = frozenset(i for cb in sources for i in cb.iterations)
+        if not sources and stage == "fit":
+            rank_zero_warn(f"analysis {self.name} has at_snapshots=true but no IterationSnapshots "
+                           "callback is configured (callbacks.snapshots); it fires at no snapshot")
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        step = trainer.global_step  # a set lookup: nothing to pay on steps where nothing is due
+        if (self.every_n_steps and step % self.every_n_steps == 0) or step in self._snapshot_steps:
             self.fire(trainer, pl_module)
 
     @override
@@ -99,18 +138,25 @@ class Analysis(L.Callback):
             self.fire(trainer, pl_module)
 
     def fire(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Run on global rank zero with the trainer's run directory and loggers."""
+        """Run on global rank zero with the trainer's run directory and loggers, then finalize.
+        A second call at the step of the last run only finalizes (same weights, more logs)."""
+        step = trainer.global_step
+        due = self.last_step != step
         if trainer.is_global_zero:
             from cnnft.features import model_digest
 
             ctx = AnalysisContext.from_config(
                 pl_module.run_config, Path(pl_module.run_config["paths"]["output_dir"]),
-                model_digest(pl_module), loggers=trainer.loggers, step=trainer.global_step,
+                model_digest(pl_module), loggers=trainer.loggers, step=step,
                 device=str(pl_module.device), progress=False)
-            metrics = self.run(pl_module, ctx)
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+            if due:
+                metrics = self.run(pl_module, ctx)
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=step)
+            self.finalize(ctx)
+        if due:
             self.runs += 1
+            self.last_step = step
         trainer.strategy.barrier(f"analysis {self.name}")
 
 
@@ -153,3 +199,12 @@ def save_figure(ctx: AnalysisContext, fig: Any, name: str) -> Path:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def define_step_axis(loggers: Sequence[Logger], prefix: str, step_key: str) -> None:
+    """Plot every W&B metric under ``<prefix>/`` against ``step_key`` (a logged metric) instead of
+    the trainer's step, so values logged late or out of order are kept and drawn in place."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.define_metric(step_key)
+            logger.experiment.define_metric(f"{prefix}/*", step_metric=step_key, step_sync=True)

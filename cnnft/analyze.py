@@ -4,11 +4,14 @@
 ``snapshots/``, each analysed into its own sub-directory named after the file), or ``random``
 (a randomly initialised network: the baseline row of the paper's tables). The network's
 geometry (width, input size, mean, context padding) comes from the checkpoint's stored config;
-data roots and analysis settings come from this job's config.
+data roots and analysis settings come from this job's config. After the last checkpoint, each
+analysis's ``finalize`` writes what combines them (e.g. ``snapshot_eval``'s table over all
+iterations) into the job's output directory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -87,7 +90,7 @@ def analyze(cfg: DictConfig) -> dict[str, dict[str, float]]:
             cache=FeatureCache(Path(cfg.paths.cache_dir) / "features"),
             loggers=loggers, step=ckpt_step if ckpt_step is not None else step,
             batch_size=cfg.batch_size, num_workers=cfg.data.num_workers, device=device,
-            progress=cfg.progress)
+            progress=cfg.progress, checkpoint=None if spec == "random" else Path(spec))
         metrics: dict[str, float] = {}
         for analysis in analyses:
             log.info("%s on %s", analysis.name, spec)
@@ -97,6 +100,8 @@ def analyze(cfg: DictConfig) -> dict[str, dict[str, float]]:
         results[spec] = metrics
         for key, value in sorted(metrics.items()):
             log.info("%s  %s = %.4f", Path(spec).name, key, value)
+    for analysis in analyses:
+        analysis.finalize(dataclasses.replace(ctx, output_dir=out))
     for logger in loggers:
         logger.finalize("success")
     return results

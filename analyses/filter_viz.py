@@ -1,0 +1,178 @@
+"""``filter_viz``: conv1 filters as an image grid at each snapshot (paper Fig. 5, top row) and
+the training curves drawn under them (Fig. 5, bottom).
+
+Each filter is min-max normalised on its own (all its colour channels together) and the filters
+are laid out in a grid (``torchvision.utils.make_grid``). During training it fires at every
+snapshot iteration (``at_snapshots``) and at the end of fit; ``cnnft-analyze`` over a folder of
+snapshots draws one grid per snapshot.
+
+Files: ``figures/filter_viz_iter_XXXXXXX.png`` per iteration (also a W&B image),
+``results/filter_viz.json|csv`` rows ``{iteration, figure}`` (figure path relative to the output
+directory), and ``figures/training_curves.png`` (training loss and validation top-1 against
+iteration, dotted lines at the drawn iterations) when the run's ``csv/metrics.csv`` is found: in
+the run directory during training, in the run directory above the checkpoint's folder with
+``cnnft-analyze``. Logged keys: none.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from cnnft.analysis import Analysis, AnalysisContext, save_figure, write_table
+from cnnft.errors import ConfigError, DataError
+
+#: Keys of ``csv/metrics.csv`` drawn by :func:`plot_training_curves` (see ``cnnft.module``).
+CURVE_KEYS = ("train/loss", "val/top1")
+
+
+def figure_name(iteration: int) -> str:
+    return f"filter_viz_iter_{iteration:07d}"
+
+
+def filter_grid(weight: torch.Tensor, *, nrow: int | None = None, padding: int = 1) -> torch.Tensor:
+    """``[C, H, W]`` image in [0, 1] of the filters ``weight[out, 1 or 3, kh, kw]``, each min-max
+    normalised on its own, ``nrow`` per row (default: a square-ish grid)."""
+    from torchvision.utils import make_grid
+
+    if weight.dim() != 4 or weight.shape[1] not in (1, 3):
+        raise ValueError(f"expected filters [out, 1 or 3, kh, kw] to draw as images, "
+                         f"got {tuple(weight.shape)}")
+    nrow = nrow or math.ceil(math.sqrt(weight.shape[0]))
+    return make_grid(weight.detach().float().cpu(), nrow=nrow, padding=padding, normalize=True,
+                     scale_each=True, pad_value=1.0)
+
+
+def plot_filter_grid(grid: torch.Tensor, title: str) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    height, width = grid.shape[1:]
+    scale = 6.0 / max(height, width)
+    fig, ax = plt.subplots(figsize=(max(width * scale, 2.0), max(height * scale, 2.0) + 0.4))
+    ax.imshow(grid.permute(1, 2, 0).squeeze(-1).numpy(), interpolation="nearest",
+              cmap="gray" if grid.shape[0] == 1 else None)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def read_metrics_csv(path: str | os.PathLike[str], keys: Sequence[str] = CURVE_KEYS
+                     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{key: (steps, values)}`` from a Lightning ``metrics.csv`` (sparse rows; empty cells
+    skipped, the last value of a step kept, sorted by step). Keys absent from the file are left
+    out."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"metrics file {path} does not exist; expected a run's csv/metrics.csv")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if "step" not in (reader.fieldnames or []):
+            raise DataError(f"{path} has no 'step' column; expected a Lightning CSVLogger metrics.csv")
+        points: dict[str, dict[int, float]] = {k: {} for k in keys if k in (reader.fieldnames or [])}
+        for row in reader:
+            for key, series in points.items():
+                if row.get(key) not in (None, ""):
+                    series[int(float(row["step"]))] = float(row[key])
+    return {key: (np.array(sorted(s), dtype=np.int64), np.array([s[i] for i in sorted(s)], dtype=np.float64))
+            for key, s in points.items() if s}
+
+
+def plot_training_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                         marks: Sequence[int] = ()) -> Any:
+    """Training loss (left axis) and validation top-1 (right axis, %) against iteration, with
+    dotted vertical lines at ``marks`` (the iterations whose filters are drawn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    handles = []
+    if "train/loss" in curves:
+        handles += ax.plot(*curves["train/loss"], color="tab:blue", lw=1.0, label="training loss")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("training loss")
+    if "val/top1" in curves:
+        right = ax.twinx()
+        steps, top1 = curves["val/top1"]
+        handles += right.plot(steps, 100 * top1, color="tab:red", marker="o", label="val top-1")
+        right.set_ylabel("validation top-1 (%)")
+    for mark in marks:
+        ax.axvline(mark, color="grey", lw=0.8, ls=":")
+    if handles:
+        ax.legend(handles=handles, loc="center right", fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def training_curves_figure(metrics_csv: str | os.PathLike[str], marks: Sequence[int] = ()) -> Any:
+    """Fig. 5 (bottom) from a run's ``csv/metrics.csv``."""
+    return plot_training_curves(read_metrics_csv(metrics_csv), marks)
+
+
+class FilterViz(Analysis):
+    """conv1 filter grids per iteration and the training curves (see module doc)."""
+
+    name = "filter_viz"
+
+    def __init__(self, *, layer: str = "conv1", padding: int = 1, at_snapshots: bool = True,
+                 **kwargs: Any) -> None:
+        super().__init__(at_snapshots=at_snapshots, **kwargs)
+        self.layer, self.padding = layer, padding
+        self.history: list[dict[str, Any]] = []  # {iteration, figure: absolute path}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+
+    def run(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, float]:
+        net = getattr(model, "net", model)
+        module = getattr(net, self.layer, None)
+        if not isinstance(module, nn.Conv2d):
+            raise ConfigError(f"filter_viz layer={self.layer!r} is not a convolution of the network; "
+                              "expected conv1 (or another conv with 1 or 3 input channels)")
+        iteration = int(ctx.step or 0)
+        grid = filter_grid(module.weight, padding=self.padding)
+        fig = plot_filter_grid(grid, f"{self.layer} filters, iteration {iteration}")
+        path = save_figure(ctx, fig, figure_name(iteration))
+        self.history = [h for h in self.history if h["iteration"] != iteration]
+        self.history.append({"iteration": iteration, "figure": str(path.resolve())})
+        return {}
+
+    def finalize(self, ctx: AnalysisContext) -> None:
+        if not self.history:
+            return
+        root = ctx.output_dir.resolve()
+        rows = [{"iteration": h["iteration"], "figure": os.path.relpath(h["figure"], root)}
+                for h in sorted(self.history, key=lambda h: h["iteration"])]
+        write_table(ctx, self.name, rows)
+        metrics_csv = self.metrics_csv(ctx)
+        if metrics_csv is not None:
+            save_figure(ctx, training_curves_figure(metrics_csv, [r["iteration"] for r in rows]),
+                        "training_curves")
+
+    @staticmethod
+    def metrics_csv(ctx: AnalysisContext) -> Path | None:
+        """The training run's ``csv/metrics.csv`` (CSV loggers flushed first), if there is one."""
+        for logger in ctx.loggers:
+            if isinstance(logger, CSVLogger):
+                logger.save()
+        candidates = [ctx.output_dir / "csv" / "metrics.csv"]
+        if ctx.checkpoint is not None:
+            candidates.append(Path(ctx.checkpoint).resolve().parents[1] / "csv" / "metrics.csv")
+        return next((p for p in candidates if p.is_file()), None)
