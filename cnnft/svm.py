@@ -455,7 +455,8 @@ def train_svms(x: Tensor, y: Tensor, c: float | Tensor, *, cfg: SVMConfig, ignor
     if feature_mask is not None:
         feature_mask = torch.as_tensor(feature_mask, device=x.device).bool()
         if feature_mask.shape != (n, x.shape[1]):
-            raise ValueError(f"feature_mask has shape {tuple(feature_mask.shape)}, expected {(n, x.shape[1])}")
+            raise ValueError(f"feature_mask has shape {tuple(feature_mask.shape)}, "
+                             f"expected {(n, x.shape[1])}")
     full = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
     W = torch.zeros(n, x.shape[1] + 1, dtype=x.dtype, device=x.device)
     for value in sorted(set(c.tolist())):  # each class solved at its own C only
