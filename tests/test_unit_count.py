@@ -85,3 +85,20 @@ def test_analyze_unit_count_end_to_end(data_dir: Path, tmp_path: Path) -> None:
                                                   and x["k"] == units))
     assert metrics["unit_count/pool5/mean_k90"] == pytest.approx(np.mean([r["k90"] for r in summary]))
     assert (tmp_path / "figures" / "unit_count.png").stat().st_size > 1000
+
+
+def test_unit_analyses_as_training_callbacks(tiny_cfg, tmp_path: Path) -> None:
+    """All three analyses fire at the end of a tiny pretraining run and log their metrics."""
+    from cnnft.train import train
+
+    out = tmp_path / "run"
+    train(tiny_cfg("analyses=[filter_entropy,unit_selectivity,unit_count]", "layers=[pool5]",
+                   "probe.c_grid=[1.0]", "probe.folds=2", "analyses.filter_entropy.num_thresholds=10",
+                   "analyses.unit_selectivity.num_thresholds=50", output_dir=out))
+    for name in ("filter_entropy", "filter_entropy_topk", "unit_selectivity", "unit_count",
+                 "unit_count_summary"):
+        assert (out / "results" / f"{name}.json").exists(), name
+    logged = (out / "csv" / "metrics.csv").read_text()
+    for key in ("filter_entropy/pool5/mean_aue", "unit_selectivity/pool5/mean_best_precision",
+                "unit_count/pool5/mean_k90"):
+        assert key in logged
