@@ -14,6 +14,9 @@ Thresholds (``j = 1..T``):
   equally spaced values from the filter's max to its min (the last keeps all); a constant
   filter keeps everything at every threshold.
 
+Rank mode orders by the float32 value (float64 inputs are rounded first; cached features are
+float16 anyway).
+
 Vectorised: one sort per filter (rank mode) and one ``bincount`` of (threshold bin, class) codes
 followed by a cumulative sum over thresholds; no Python loop over thresholds. Rank mode sorts
 packed int64 keys (order-preserving bits of the float32 activation, then the sample index, then
