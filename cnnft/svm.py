@@ -145,10 +145,11 @@ def normalize_features(x: Tensor, mode: str, target_norm: float = 20.0, *,
 # --------------------------------------------------------------------------- batched solver
 
 
-def _cg(F: Tensor, Dm: Tensor, b: Tensor) -> tuple[Tensor, int]:
+def _cg(F: Tensor, Dm: Tensor, b: Tensor, M: Tensor | None = None) -> tuple[Tensor, int]:
     """Solve ``(I + 2 F^T diag(Dm[:, k]) F) x_k = b_k`` for each row k of ``b`` by conjugate gradient,
     dropping each problem from the matmuls once it has converged. Returns the solutions and the
-    number of steps of the slowest problem."""
+    number of steps of the slowest problem. ``M`` [K, P] (0/1): solve within the coordinates
+    each problem may use (``b`` must be zero outside them; Hessian products are masked)."""
     x = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
@@ -160,6 +161,8 @@ def _cg(F: Tensor, Dm: Tensor, b: Tensor) -> tuple[Tensor, int]:
         steps += 1
         pl = p[live]
         hp = pl + 2 * ((Dm[:, live] * (F @ pl.T)).T @ F)
+        if M is not None:
+            hp = hp * M[live]
         alpha = rr[live] / (pl * hp).sum(1)
         x[live] += alpha[:, None] * pl
         rl = r[live] - alpha[:, None] * hp
@@ -200,30 +203,36 @@ def _line_search(wd: Tensor, dd: Tensor, Z: Tensor, Zd: Tensor, T: Tensor, S: Te
 
 
 def _newton(F: Tensor, T: Tensor, S: Tensor, *, tol: float, max_iter: int, W0: Tensor | None = None,
-            stats: dict | None = None) -> Tensor:
+            stats: dict | None = None, M: Tensor | None = None) -> Tensor:
     """Solve K problems ``min 0.5 ||w_k||^2 + sum_i S[i,k] max(0, 1 - T[i,k] (F w_k)_i)^2``.
 
     ``F`` [N, P] features (bias column included), ``T`` [N, K] targets in {-1, +1}, ``S`` [N, K]
     per-row weights (C times class weight, 0 for rows the problem must not see), ``W0`` [K, P] a
-    starting point.
+    starting point, ``M`` [K, P] 0/1 masks of the features each problem may use (the others keep
+    weight 0: the problem restricted to those columns).
     Returns W [K, P]. ``stats`` (if given) receives Newton iterations, CG steps, unconverged count."""
     N, P = F.shape
     K = T.shape[1]
     W = torch.zeros(K, P, dtype=F.dtype, device=F.device) if W0 is None else W0.clone()
+    if M is not None:
+        W *= M
     Z = F @ W.T
-    g0 = (2 * ((S * T).T @ F)).norm(dim=1)  # ||grad f(0)||, the reference of the stopping test
+    g0 = 2 * ((S * T).T @ F)
+    g0 = (g0 if M is None else g0 * M).norm(dim=1)  # ||grad f(0)||, the reference of the stopping test
     idx = torch.arange(K, device=F.device)
     newton = cg = 0
     while True:
         Zi, Ti, Si = Z[:, idx], T[:, idx], S[:, idx]
         Dm = Si * (Ti * Zi < 1).to(F.dtype)
         G = W[idx] + 2 * ((Dm * (Zi - Ti)).T @ F)
+        if M is not None:
+            G = G * M[idx]
         going = G.norm(dim=1) > tol * g0[idx]
         idx, G, Dm, Zi, Ti, Si = idx[going], G[going], Dm[:, going], Zi[:, going], Ti[:, going], Si[:, going]
         if not idx.numel() or newton == max_iter:
             break
         newton += 1
-        d, steps = _cg(F, Dm, -G)
+        d, steps = _cg(F, Dm, -G, None if M is None else M[idx])
         cg += steps
         Zd = F @ d.T
         t = _line_search((W[idx] * d).sum(1), (d * d).sum(1), Zi, Zd, Ti, Si)
@@ -257,9 +266,10 @@ def _augment(x: Tensor, bias: float) -> Tensor:
 
 
 def _solve_grid(F: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: Sequence[float],
-                cfg: SVMConfig, stats: dict | None = None) -> Tensor:
+                cfg: SVMConfig, stats: dict | None = None, columns: Tensor | None = None) -> Tensor:
     """All problems (C, class, row mask): ``y`` [N, n] bool, ``weight`` [N, n] class weights (0 =
-    ignored), ``masks`` [N, m] rows seen by each mask. Returns W [len(c_values), n, m, P]."""
+    ignored), ``masks`` [N, m] rows seen by each mask, ``columns`` [n, P] (optional) the feature
+    columns each class may use. Returns W [len(c_values), n, m, P]."""
     N, P = F.shape
     n, m = y.shape[1], masks.shape[1]
     pairs = [(cls, j) for cls in range(n) for j in range(m)]
@@ -278,7 +288,8 @@ def _solve_grid(F: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: S
             c = torch.tensor([c_values[i] for i in stage], dtype=F.dtype, device=F.device)
             T = ypm[:, cls].repeat(1, len(stage))
             S = (weight[:, cls] * masks[:, msk]).repeat(1, len(stage)) * c.repeat_interleave(len(chunk))
-            W = _newton(F, T, S, tol=cfg.tol, max_iter=cfg.max_iter, W0=prev, stats=stats)
+            M = None if columns is None else columns[cls].to(F.dtype).repeat(len(stage), 1)
+            W = _newton(F, T, S, tol=cfg.tol, max_iter=cfg.max_iter, W0=prev, stats=stats, M=M)
             W = W.view(len(stage), len(chunk), P)
             for i, ci in enumerate(stage):
                 out[ci, cls, msk] = W[i]
@@ -380,7 +391,7 @@ def _sk_fit(x64: np.ndarray, y: np.ndarray, rows: np.ndarray, c: float, cfg: SVM
 
 
 def _sk_grid(x: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: Sequence[float],
-             cfg: SVMConfig) -> Tensor:
+             cfg: SVMConfig, columns: Tensor | None = None) -> Tensor:
     """``_solve_grid`` with one LinearSVC per (C, class, mask); ignored rows are left out."""
     from sklearn.exceptions import ConvergenceWarning
 
@@ -393,7 +404,12 @@ def _sk_grid(x: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: Sequ
         for cls in range(y.shape[1]):
             for ci, c in enumerate(c_values):
                 for j in range(mn.shape[1]):
-                    out[ci, cls, j] = _sk_fit(x64, yn[:, cls], mn[:, j] & seen[:, cls], c, cfg)
+                    if columns is None:
+                        out[ci, cls, j] = _sk_fit(x64, yn[:, cls], mn[:, j] & seen[:, cls], c, cfg)
+                        continue
+                    keep = np.append(columns[cls, :-1].cpu().numpy(), True)  # the bias is always used
+                    out[ci, cls, j, keep] = _sk_fit(x64[:, keep[:-1]], yn[:, cls], mn[:, j] & seen[:, cls],
+                                                    c, cfg)
     n_warn = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
     if n_warn:
         warnings.warn(f"LinearSVC did not converge in {n_warn} fit(s) (max_iter={cfg.sklearn_max_iter})",
@@ -402,12 +418,16 @@ def _sk_grid(x: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: Sequ
 
 
 def _grid(x: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: Sequence[float], cfg: SVMConfig,
-          stats: dict | None = None) -> Tensor:
+          stats: dict | None = None, columns: Tensor | None = None) -> Tensor:
+    """``columns``: [n, D] bool feature columns per class (None: all); the bias is always used."""
+    if columns is not None:
+        columns = torch.cat([columns, torch.ones(columns.shape[0], 1, dtype=torch.bool,
+                                                 device=columns.device)], 1)
     if cfg.solver == "sklearn":
-        return _sk_grid(x, y, weight, masks, c_values, cfg)
+        return _sk_grid(x, y, weight, masks, c_values, cfg, columns)
     F = _augment(x, cfg.bias)
     with _threads_for(F):
-        return _solve_grid(F, y, weight, masks, c_values, cfg, stats)
+        return _solve_grid(F, y, weight, masks, c_values, cfg, stats, columns)
 
 
 def _split(W: Tensor, bias: float) -> tuple[Tensor, Tensor]:
@@ -418,22 +438,32 @@ def _split(W: Tensor, bias: float) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def train_svms(x: Tensor, y: Tensor, c: float | Tensor, *, cfg: SVMConfig, ignore: Tensor | None = None
-               ) -> tuple[Tensor, Tensor]:
+def train_svms(x: Tensor, y: Tensor, c: float | Tensor, *, cfg: SVMConfig, ignore: Tensor | None = None,
+               feature_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One-vs-rest SVMs on all rows of ``x`` [N, D] (used as given, not normalised) for labels
     ``y`` [N, n] (bool or 0/1), with ``c`` one C for all classes or ``[n]`` per class; ``ignore``
-    [N, n] marks rows a class must not see. Returns ``W`` [n, D] and ``b`` [n]."""
+    [N, n] marks rows a class must not see; ``feature_mask`` [n, D] (bool) the feature columns
+    each class may use (its SVM is the one trained on those columns alone; the others get weight
+    0). The columns of ``y`` need not be distinct classes: one label column per (class, subset)
+    trains many subsets at once. Returns ``W`` [n, D] and ``b`` [n]."""
     x, y, weight = _inputs(x, y, ignore, cfg)
     n = y.shape[1]
     c = torch.as_tensor(c, dtype=torch.float64).flatten().cpu()
     c = c.expand(n) if c.numel() == 1 else c
     if c.numel() != n:
         raise ValueError(f"c has {c.numel()} values for {n} classes")
+    if feature_mask is not None:
+        feature_mask = torch.as_tensor(feature_mask, device=x.device).bool()
+        if feature_mask.shape != (n, x.shape[1]):
+            raise ValueError(f"feature_mask has shape {tuple(feature_mask.shape)}, "
+                             f"expected {(n, x.shape[1])}")
     full = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
-    values = sorted(set(c.tolist()))
-    W = _grid(x, y, weight, full, values, cfg)  # [len(values), n, 1, D+1]
-    pick = torch.tensor([values.index(v) for v in c.tolist()], device=x.device)
-    return _split(W[pick, torch.arange(n, device=x.device), 0], cfg.bias)
+    W = torch.zeros(n, x.shape[1] + 1, dtype=x.dtype, device=x.device)
+    for value in sorted(set(c.tolist())):  # each class solved at its own C only
+        cols = torch.nonzero(c == value).squeeze(1).to(x.device)
+        sub = None if feature_mask is None else feature_mask[cols]
+        W[cols] = _grid(x, y[:, cols], weight[:, cols], full, [value], cfg, columns=sub)[0, :, 0]
+    return _split(W, cfg.bias)
 
 
 def _select(x: Tensor, y: Tensor, weight: Tensor, cfg: SVMConfig, *, full: bool, stats: dict | None = None

@@ -65,3 +65,82 @@ def test_bad_input() -> None:
         area_under_entropy(torch.rand(4, 2), torch.zeros(4), 2, threshold_mode="quantile")
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
         area_under_entropy(torch.rand(4, 2), torch.tensor([0, 1, 2, 0]), 2)
+
+
+def test_float32_ties_and_large_n_match_loop_in_rank_mode() -> None:
+    """Many exact ties (ReLU zeros, negative values, -0.0) and chunking across threads."""
+    rng = np.random.default_rng(3)
+    acts = np.maximum(rng.standard_normal((997, 37)), -0.5).astype(np.float32)
+    acts[:50, 0] = -0.0
+    labels = rng.integers(0, 20, 997)
+    got = area_under_entropy(torch.from_numpy(acts), torch.from_numpy(labels), 20, num_thresholds=13)
+    np.testing.assert_allclose(got.numpy(), loop_aue(acts.astype(np.float64), labels, 20, 13, "rank"),
+                               atol=1e-6)
+
+
+def test_layer_aue_positions_and_spatial_max() -> None:
+    from analyses.filter_entropy import layer_aue
+
+    rng = np.random.default_rng(4)
+    maps = torch.from_numpy(rng.random((40, 3, 2, 2)).astype(np.float32))
+    labels = torch.from_numpy(rng.integers(0, 4, 40))
+    per_position = maps.permute(0, 2, 3, 1).reshape(-1, 3)  # box-major, then position
+    expected = area_under_entropy(per_position, labels.repeat_interleave(4), 4)
+    torch.testing.assert_close(layer_aue(maps, labels, 4), expected)
+    torch.testing.assert_close(layer_aue(maps, labels, 4, spatial_max=True),
+                               area_under_entropy(maps.amax(dim=(2, 3)), labels, 4))
+
+
+def test_topk_curve_and_compare() -> None:
+    from analyses.filter_entropy import compare_aue, topk_curve, topk_points
+
+    assert topk_points(256)[0] == 1 and topk_points(256)[-1] == 256 and len(topk_points(256)) == 30
+    assert topk_points(5) == [1, 2, 3, 4, 5]
+    curve = dict(topk_curve(torch.tensor([3.0, 1.0, 2.0, 4.0]), points=4))
+    assert curve == {1: 1.0, 2: 1.5, 3: 2.0, 4: 2.5}
+    a = {"rows": [{"layer": "pool5", "filter": i, "aue": v} for i, v in enumerate([2.0, 3.0])]
+         + [{"layer": "relu7", "filter": 0, "aue": 4.0}]}
+    b = [{"layer": "pool5", "filter": i, "aue": v} for i, v in enumerate([1.0, 2.0])]
+    (row,) = compare_aue(a, b)
+    assert row["layer"] == "pool5" and row["change"] == pytest.approx(-1.0)
+    assert row["mean_aue_a"] == pytest.approx(2.5) and row["relative_change"] == pytest.approx(-0.4)
+    from cnnft.errors import DataError
+
+    with pytest.raises(DataError, match="filter_entropy results"):
+        compare_aue({"rows": [{"class": "x"}]}, b)
+
+
+def test_analyze_filter_entropy_end_to_end(data_dir, tmp_path) -> None:
+    """cnnft-analyze on the tiny demo set: files, numbers, and the comparison with a reference."""
+    import json
+
+    from cnnft.analyze import analyze
+    from tests.test_probes import analyze_cfg
+
+    over = ["checkpoint=random", "analyses=[filter_entropy]", "layers=[pool2,pool5,relu7]",
+            "analyses.filter_entropy.num_thresholds=20"]
+    metrics = analyze(analyze_cfg(over, tmp_path / "a", data_dir))["random"]
+    payload = json.loads((tmp_path / "a" / "results" / "filter_entropy.json").read_text())
+    rows = payload["rows"]
+    assert {r["layer"] for r in rows} == {"pool2", "pool5", "relu7"}
+    pool5 = [r["aue"] for r in rows if r["layer"] == "pool5"]
+    assert [r["filter"] for r in rows if r["layer"] == "pool5"] == list(range(len(pool5)))
+    assert all(0.0 <= a <= math.log2(20) for a in pool5)
+    assert metrics["filter_entropy/pool5/mean_aue"] == pytest.approx(np.mean(pool5))
+    assert payload["summary"]["filter_entropy/pool5/mean_aue"] == pytest.approx(np.mean(pool5))
+    topk = json.loads((tmp_path / "a" / "results" / "filter_entropy_topk.json").read_text())["rows"]
+    curve = [r for r in topk if r["layer"] == "pool5"]
+    assert curve[0]["k"] == 1 and curve[-1]["k"] == len(pool5) and len(curve) == min(30, len(pool5))
+    assert curve[0]["mean_aue"] == pytest.approx(min(pool5))
+    assert curve[-1]["mean_aue"] == pytest.approx(np.mean(pool5))
+    for fig in ("filter_entropy", "filter_entropy_hist"):
+        assert (tmp_path / "a" / "figures" / f"{fig}.png").stat().st_size > 1000
+    # the same network as its own reference: zero change everywhere
+    ref = tmp_path / "a" / "results" / "filter_entropy.json"
+    metrics = analyze(analyze_cfg([*over, f"analyses.filter_entropy.reference={ref}"], tmp_path / "b",
+                                  data_dir))["random"]
+    change = json.loads((tmp_path / "b" / "results" / "filter_entropy_change.json").read_text())["rows"]
+    assert {r["layer"] for r in change} == {"pool2", "pool5", "relu7"}
+    assert all(r["change"] == pytest.approx(0.0, abs=1e-12) for r in change)
+    assert metrics["filter_entropy/pool5/mean_aue_change"] == pytest.approx(0.0, abs=1e-12)
+    assert (tmp_path / "b" / "figures" / "filter_entropy_compare.png").stat().st_size > 1000
