@@ -248,7 +248,7 @@ def fifty_fifty(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Pat
     root = tmp_path_factory.mktemp("fifty")
     train(compose_cfg(TINY_RUN, root / "pre", data_dir))
     out = root / "fifty_fifty"
-    train(compose_cfg([*TINY_RUN, "experiment=fifty_fifty", "recipe.fifty_fifty.finetune_steps=2",
+    train(compose_cfg([*TINY_RUN, "experiment=fifty_fifty",
                        f"pretrained={root / 'pre' / 'snapshots' / 'iter_0000004.ckpt'}",
                        "analyses=[detection]", "layers=[pool5]", "recipe.detection.retrain_limit=100",
                        "analyses.detection.proposals.workers=1"], out, data_dir))
@@ -257,7 +257,8 @@ def fifty_fifty(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Pat
 
 def test_detection_as_training_callback_on_the_fifty_fifty_network(fifty_fifty: Path) -> None:
     payload = json.loads((fifty_fifty / "results" / "detection.json").read_text())
-    assert payload["step"] == 2
+    assert payload["step"] == 4  # the fine-tuning's last step (TINY_RUN: 4)
+    assert "name: finetune" in (fifty_fifty / "config.yaml").read_text()
     assert set(payload["summary"]) == {"detection/pool5/mAP"}
     assert "detection/pool5/mAP" in (fifty_fifty / "csv" / "metrics.csv").read_text()
 

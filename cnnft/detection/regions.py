@@ -152,7 +152,7 @@ class RegionStore:
         return range(0, len(self.regions.images), self.shard_images)
 
     def _key(self, start: int) -> str:
-        return FeatureCache.key(shard=start, **self.key_parts)
+        return FeatureCache.key(shard=int(start), **self.key_parts)
 
     def build(self, model: nn.Module, *, crop: int, pad: int, mean: Sequence[float], batch_size: int,
               device: str | torch.device, progress: bool = True) -> RegionStore:
@@ -174,7 +174,7 @@ class RegionStore:
             for start in missing:
                 stop = min(start + self.shard_images, len(self.regions.images))
                 rows = int(self.offsets[stop] - self.offsets[start])
-                with self.cache.writer(self._key(start), (rows, dim), shape=list(self.shape),
+                with self.cache.writer(self._key(start), (rows, dim), pool5_shape=list(self.shape),
                                        images=[start, stop], **self.key_parts) as mm:
                     for i in range(start, stop):
                         lo = int(self.offsets[i] - self.offsets[start])
@@ -207,7 +207,7 @@ class RegionStore:
             raise RuntimeError("RegionStore.build() must run before reading features")
         wanted = range(len(self.regions.images)) if indices is None else indices
         open_shard, array = -1, None
-        for i in wanted:
+        for i in map(int, wanted):
             start = (i // self.shard_images) * self.shard_images
             if start != open_shard:
                 array = self.cache.open(self._key(start))
