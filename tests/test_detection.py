@@ -163,7 +163,8 @@ def test_top_k_then_nms_per_class() -> None:
 
 
 def test_hard_negative_mining_keeps_hard_and_evicts_easy() -> None:
-    """1-D features: positives near +2; each image has easy negatives near -4 and hard ones like the positives."""
+    """1-D features: positives near +2; each image has easy negatives near -4 and hard ones like
+    the positives."""
     g = torch.Generator().manual_seed(0)
     pos = 2 + 0.2 * torch.randn(20, 1, generator=g)
     images, kinds = [], []
@@ -237,7 +238,7 @@ def test_class_without_training_positives_is_named(data_dir: Path) -> None:
 
 TINY_ANALYZE = [*TINY_DATA, "model.width=0.125", "model.input_size=67", "model.resize=76",
                 "model.context_pad=5", "data.num_workers=0", "logger=csv", "progress=false",
-                "batch_size=64", "recipe.detection.retrain_limit=100",
+                "batch_size=64", "recipe.detection.retrain_limit=300",
                 "analyses.detection.proposals.workers=1"]
 
 
@@ -250,7 +251,7 @@ def fifty_fifty(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Pat
     out = root / "fifty_fifty"
     train(compose_cfg([*TINY_RUN, "experiment=fifty_fifty",
                        f"pretrained={root / 'pre' / 'snapshots' / 'iter_0000004.ckpt'}",
-                       "analyses=[detection]", "layers=[pool5]", "recipe.detection.retrain_limit=100",
+                       "analyses=[detection]", "layers=[pool5]", "recipe.detection.retrain_limit=300",
                        "analyses.detection.proposals.workers=1"], out, data_dir))
     return out
 
@@ -266,14 +267,13 @@ def test_detection_as_training_callback_on_the_fifty_fifty_network(fifty_fifty: 
 def test_analyze_detection_writes_results(fifty_fifty: Path, data_dir: Path, tmp_path: Path) -> None:
     ckpt = fifty_fifty / "checkpoints" / "last.ckpt"
     cfg = compose_cfg([*TINY_ANALYZE, f"checkpoint={ckpt}", "analyses=[detection]",
-                       "layers=[relu4,pool5,relu6,relu7]", "ablations=[unroll,spatial_max]"],
+                       "layers=[relu4,pool5,relu7]", "ablations=[unroll,spatial_max]"],
                       tmp_path, data_dir, name="analyze")
     metrics = analyze(cfg)[str(ckpt)]
     rows = json.loads((tmp_path / "results" / "detection.json").read_text())["rows"]
     means = {(r["layer"], r["ablation"]): r["ap"] for r in rows if r["class"] == "mAP"}
     # relu4 precedes pool5: skipped; spatial_max applies to pool5 only
-    assert set(means) == {("pool5", "unroll"), ("pool5", "spatial_max"), ("relu6", "unroll"),
-                          ("relu7", "unroll")}
+    assert set(means) == {("pool5", "unroll"), ("pool5", "spatial_max"), ("relu7", "unroll")}
     assert all(0.0 <= r["ap"] <= 1.0 for r in rows)
     assert [r["class"] for r in rows if r["layer"] == "relu7"] == [*VOC_CLASSES, "mAP"]
     assert metrics["detection/relu7/mAP"] == pytest.approx(means[("relu7", "unroll")])
@@ -282,8 +282,8 @@ def test_analyze_detection_writes_results(fifty_fifty: Path, data_dir: Path, tmp
     assert (tmp_path / "figures" / "detection.png").stat().st_size > 1000
     # a second run reads the cached pool5 shards and gives the same numbers
     again = analyze(compose_cfg([*TINY_ANALYZE, f"checkpoint={ckpt}", "analyses=[detection]",
-                                 "layers=[relu7]"], tmp_path / "again", data_dir, name="analyze"))
-    assert again[str(ckpt)]["detection/relu7/mAP"] == pytest.approx(metrics["detection/relu7/mAP"])
+                                 "layers=[pool5]"], tmp_path / "again", data_dir, name="analyze"))
+    assert again[str(ckpt)]["detection/pool5/mAP"] == pytest.approx(metrics["detection/pool5/mAP"])
 
 
 def test_analyze_without_cached_proposals_and_computing_off(data_dir: Path, tmp_path: Path) -> None:
