@@ -9,7 +9,7 @@ the network up to pool5 in batches.
 
 Only pool5 is stored: float16 memory-mapped shards of ``shard_images`` images each, one
 ``FeatureCache`` entry per shard keyed by a hash of model + data + transform + shard, written
-while the windows stream through (no split ever needs to fit in memory) and verified on load.
+while the windows stream through (no split ever needs to fit in memory) and verified when first read.
 A run that stops part way keeps its finished shards. fc6/fc7 (any layer after pool5) and the
 feature ablations are computed from cached pool5 on the fly (``layer_transform``).
 """
@@ -119,13 +119,15 @@ def layer_transform(net: nn.Module, layer: str,
     """``pool5 [n, C, H, W] -> features [n, D]`` of ``layer`` (running the sub-layers after pool5,
     in eval mode) followed by ``ablation``."""
     order = net.layer_names
-    tail = [net._modules[n] for n in order[order.index(CACHED_LAYER) + 1: order.index(layer) + 1]]
+    # dropout is the identity in eval mode: skipped, so the model's own mode is never touched
+    tail = [net._modules[n] for n in order[order.index(CACHED_LAYER) + 1: order.index(layer) + 1]
+            if not isinstance(net._modules[n], nn.Dropout)]
 
     def features(pool5: torch.Tensor) -> torch.Tensor:
         x = pool5
         with torch.inference_mode():
             for module in tail:
-                x = module.eval()(x) if isinstance(module, nn.Dropout) else module(x)
+                x = module(x)
         return ablation(x).flatten(1)
 
     return features
@@ -147,6 +149,7 @@ class RegionStore:
                           "boxes": files_digest(regions)}
         self.shape: tuple[int, ...] | None = None
         self.offsets = regions.offsets
+        self._verified: set[int] = set()  # shards whose checksum was checked by this store
 
     def _shards(self) -> range:
         return range(0, len(self.regions.images), self.shard_images)
@@ -210,7 +213,8 @@ class RegionStore:
         for i in map(int, wanted):
             start = (i // self.shard_images) * self.shard_images
             if start != open_shard:
-                array = self.cache.open(self._key(start))
+                array = self.cache.open(self._key(start), verify=start not in self._verified)
+                self._verified.add(start)
                 if array is None:
                     raise RuntimeError(f"region feature shard {start} of {self.regions.split} is "
                                        f"missing or corrupt in {self.cache.root}; rerun to rebuild it")
