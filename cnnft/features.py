@@ -18,7 +18,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -142,34 +143,41 @@ class FeatureCache:
     def _dir(self, key: str) -> Path:
         return self.root / key
 
-    def load(self, key: str) -> torch.Tensor | None:
-        """The cached array as a float32 tensor, or None if absent, stale or corrupt (logged)."""
+    def open(self, key: str, *, verify: bool = True) -> np.memmap | None:
+        """The cached float16 array, memory-mapped read-only (not loaded), or None if absent,
+        stale or corrupt (logged and removed). ``verify``: check the SHA-256 first."""
         folder = self._dir(key)
         meta_path, data_path = folder / "meta.json", folder / "features.f16"
         if not meta_path.exists():
             return None
         try:
             meta = json.loads(meta_path.read_text())
-            if file_digest(data_path) != meta["sha256"]:
+            if verify and file_digest(data_path) != meta["sha256"]:
                 raise ValueError("checksum mismatch")
-            array = np.memmap(data_path, dtype=np.float16, mode="r", shape=tuple(meta["shape"]))
+            return np.memmap(data_path, dtype=np.float16, mode="r", shape=tuple(meta["shape"]))
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("feature cache %s is corrupt or stale (%s); recomputing", folder, e)
             shutil.rmtree(folder, ignore_errors=True)
             return None
-        return torch.from_numpy(np.asarray(array, dtype=np.float32))
 
-    def save(self, key: str, features: torch.Tensor, **info: Any) -> None:
-        """Write ``features`` as float16 with its manifest, atomically (temp folder + rename)."""
+    def load(self, key: str) -> torch.Tensor | None:
+        """The cached array as a float32 tensor, or None if absent, stale or corrupt (logged)."""
+        array = self.open(key)
+        return None if array is None else torch.from_numpy(np.asarray(array, dtype=np.float32))
+
+    @contextmanager
+    def writer(self, key: str, shape: Sequence[int], **info: Any) -> Iterator[np.memmap]:
+        """Yield a writable float16 memmap of ``shape`` to fill in place (streamed: the array
+        never needs to be in memory); on success its manifest is written and the folder renamed
+        into place atomically. On error nothing is left behind."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
         try:
-            data = features.detach().cpu().to(torch.float16).numpy()
-            mm = np.memmap(tmp / "features.f16", dtype=np.float16, mode="w+", shape=data.shape)
-            mm[...] = data
+            mm = np.memmap(tmp / "features.f16", dtype=np.float16, mode="w+", shape=tuple(shape))
+            yield mm
             mm.flush()
             del mm
-            meta = {"shape": list(data.shape), "dtype": "float16",
+            meta = {"shape": list(shape), "dtype": "float16",
                     "sha256": file_digest(tmp / "features.f16"), **info}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
             target = self._dir(key)
@@ -178,6 +186,12 @@ class FeatureCache:
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def save(self, key: str, features: torch.Tensor, **info: Any) -> None:
+        """Write ``features`` as float16 with its manifest, atomically (temp folder + rename)."""
+        data = features.detach().cpu().to(torch.float16).numpy()
+        with self.writer(key, data.shape, **info) as mm:
+            mm[...] = data
 
 
 def extract_cached(model: nn.Module, loader: DataLoader, layers: Sequence[str], *,

@@ -89,6 +89,15 @@ def _ap_area(precision: np.ndarray, recall: np.ndarray) -> float:
     return float(np.sum(np.diff(recall, prepend=0.0) * _envelope(precision)))
 
 
+def interpolated_ap(precision: np.ndarray, recall: np.ndarray, *, mode: str = "voc07") -> float:
+    """AP of a precision/recall curve given at increasing recall (highest threshold first).
+
+    Recall need not reach 1 (object detection: missed objects); precision beyond the last point
+    counts as 0. Shared by :func:`average_precision` and ``cnnft.detection.evaluation``."""
+    _check_mode(mode)
+    return _ap_voc07(precision, recall) if mode == "voc07" else _ap_area(precision, recall)
+
+
 def average_precision(scores: ArrayLike, labels: ArrayLike, *, difficult: ArrayLike | None = None,
                       mode: str = "voc07") -> float:
     """AP of ranking ``scores`` (1-D, higher = more confident) against ``labels`` (boolean or 0/1).
@@ -110,7 +119,7 @@ def average_precision(scores: ArrayLike, labels: ArrayLike, *, difficult: ArrayL
         raise ValueError(f"class has no positives; AP is undefined ({y.size} non-difficult item(s), "
                          "all negative)")
     precision, recall = precision_recall(s, y)
-    return _ap_voc07(precision, recall) if mode == "voc07" else _ap_area(precision, recall)
+    return interpolated_ap(precision, recall, mode=mode)
 
 
 def mean_average_precision(scores: ArrayLike, labels: ArrayLike, *, difficult: ArrayLike | None = None,

@@ -81,12 +81,18 @@ def load_cached(path: Path) -> np.ndarray:
 
 def compute_proposals(images: Sequence[tuple[str, str | Path]], cache_dir: str | Path,
                       settings: ProposalSettings, *, workers: int = 2,
-                      progress: bool = True) -> dict[str, np.ndarray]:
-    """Proposals for ``(image_id, image_path)`` pairs, computing the missing ones in parallel."""
+                      progress: bool = True, compute_missing: bool = True) -> dict[str, np.ndarray]:
+    """Proposals for ``(image_id, image_path)`` pairs, computing the missing ones in parallel
+    (``compute_missing=False``: a DataError naming the images without cached proposals)."""
     folder = cache_folder(cache_dir, settings)
     folder.mkdir(parents=True, exist_ok=True)
     files = {i: folder / f"{i}_{files_fingerprint([p])[:10]}.npy" for i, p in images}
     missing = [(i, str(p), str(files[i]), settings) for i, p in images if not files[i].exists()]
+    if missing and not compute_missing:
+        names = ", ".join(job[0] for job in missing[:5])
+        raise DataError(f"{len(missing)} of {len(images)} images have no cached proposals in {folder} "
+                        f"(first: {names}); expected one <id>_<stamp>.npy per image, or allow "
+                        "computing them (proposals.compute_missing=true)")
     if missing:
         log.info("selective search on %d of %d images (cache %s)", len(missing), len(images), folder)
         from tqdm import tqdm

@@ -1,0 +1,125 @@
+"""VOC07 detection evaluation: per-class NMS of scored boxes and the devkit's detection AP.
+
+Boxes are 0-based half-open ``[x1, y1, x2, y2)`` pixel boxes as ``cnnft.data.voc`` stores them
+(VOC's inclusive ``xmin..xmax`` becomes ``[xmin - 1, xmax)``), so ``x2 - x1`` is the devkit's
+``xmax - xmin + 1`` and ``torchvision.ops.box_iou`` on them equals the devkit's IoU with its
+``+1`` areas. Proposals from ``cnnft.data.proposals`` use the same convention.
+
+Matching (``VOCevaldet.m``): detections of a class are taken in decreasing score order; each is
+compared with every ground-truth box of its image and takes the one of highest IoU. If that IoU
+is >= ``iou``: a "difficult" box makes the detection ignored (neither TP nor FP); a box not yet
+matched makes it a true positive and marks the box; a box already matched makes it a false
+positive (a duplicate). Below ``iou`` it is a false positive. Difficult boxes do not count in
+recall. (The devkit compares with *every* box, matched or not: a duplicate whose best box is
+taken is a false positive even if it overlaps another free box by >= ``iou``.)
+
+Ties: detections with equal scores are matched in input order (a stable sort, as the devkit)
+and enter the precision/recall curve together (as ``cnnft.metrics.precision_recall`` does), so
+the AP does not depend on their order unless two tied detections compete for one box.
+
+A class without any non-difficult ground-truth box has no defined AP: ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torchvision.ops import batched_nms, box_iou
+
+from cnnft.metrics import interpolated_ap, precision_recall
+
+#: one image's ``(boxes [N, 4], scores [N])`` detections or ``(boxes [M, 4], difficult [M])`` truth
+Boxes = tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]
+
+
+def _np(x: np.ndarray | torch.Tensor, dtype: type) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def match_detections(boxes: np.ndarray, scores: np.ndarray, gt_boxes: np.ndarray,
+                     gt_difficult: np.ndarray, *, iou: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Devkit matching within one image: ``(tp, ignored)`` boolean flags per detection (in input
+    order); detections neither TP nor ignored are false positives. See the module doc."""
+    n = len(scores)
+    tp, ignored = np.zeros(n, bool), np.zeros(n, bool)
+    if n == 0 or len(gt_boxes) == 0:
+        return tp, ignored
+    overlaps = box_iou(torch.from_numpy(boxes.astype(np.float64)),
+                       torch.from_numpy(gt_boxes.astype(np.float64))).numpy()
+    best, arg = overlaps.max(1), overlaps.argmax(1)
+    taken = np.zeros(len(gt_boxes), bool)
+    for d in np.argsort(-scores, kind="stable"):
+        if best[d] < iou:
+            continue
+        j = arg[d]
+        if gt_difficult[j]:
+            ignored[d] = True
+        elif not taken[j]:
+            tp[d] = taken[j] = True
+    return tp, ignored
+
+
+def detection_average_precision(detections: Sequence[Boxes], ground_truth: Sequence[Boxes], *,
+                                iou: float = 0.5, mode: str = "voc07") -> float:
+    """VOC detection AP of one class over a set of images.
+
+    Args:
+        detections: per image, ``(boxes [N, 4], scores [N])`` of this class.
+        ground_truth: per image (same order and length), ``(boxes [M, 4], difficult [M])`` of the
+            objects of this class.
+        iou: the IoU a detection needs with a box to match it (0.5 in VOC).
+        mode: ``"voc07"`` 11-point interpolated AP (the paper's), or ``"area"`` (VOC2010+).
+    Returns the AP in [0, 1]; 0 when nothing is detected. Raises ValueError when the class has
+    no non-difficult ground-truth box (AP undefined) or the lists differ in length.
+    """
+    if len(detections) != len(ground_truth):
+        raise ValueError(f"detections cover {len(detections)} images but ground_truth "
+                         f"{len(ground_truth)}; expected one entry per image in both")
+    scores, hits, keep = [], [], []
+    npos = 0
+    for (boxes, sc), (gt, difficult) in zip(detections, ground_truth, strict=True):
+        boxes, sc = _np(boxes, np.float64).reshape(-1, 4), _np(sc, np.float64).reshape(-1)
+        gt, difficult = _np(gt, np.float64).reshape(-1, 4), _np(difficult, bool).reshape(-1)
+        if len(boxes) != len(sc) or len(gt) != len(difficult):
+            raise ValueError(f"image {len(scores)}: {len(boxes)} boxes with {len(sc)} scores, "
+                             f"{len(gt)} ground-truth boxes with {len(difficult)} difficult flags")
+        npos += int((~difficult).sum())
+        tp, ignored = match_detections(boxes, sc, gt, difficult, iou=iou)
+        scores.append(sc)
+        hits.append(tp)
+        keep.append(~ignored)
+    if npos == 0:
+        raise ValueError("no non-difficult ground-truth box of the class in any image; "
+                         "detection AP is undefined")
+    s, y = np.concatenate(scores)[np.concatenate(keep)], np.concatenate(hits)[np.concatenate(keep)]
+    if np.isnan(s).any():
+        raise ValueError("detection scores contain NaN; cannot rank them")
+    if not y.any():
+        return 0.0
+    precision, recall = precision_recall(s, y)
+    true_positives = np.rint(recall * y.sum())  # exact counts, so k / npos compares exactly
+    return interpolated_ap(precision, true_positives / npos, mode=mode)
+
+
+def top_k_nms(boxes: torch.Tensor, scores: torch.Tensor, *, top_k: int = 100,
+              nms_iou: float = 0.3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per class, the ``top_k`` highest-scoring boxes of one image after greedy NMS at ``nms_iou``.
+
+    ``boxes`` [N, 4] are shared by all classes, ``scores`` [N, K]. Returns K pairs
+    ``(boxes [n_k, 4], scores [n_k])`` in decreasing score order (R-CNN: top boxes first, then
+    NMS; ``torchvision.ops.batched_nms`` does all classes at once)."""
+    n, k = scores.shape
+    top = min(top_k, n)
+    if top == 0:
+        empty = (boxes.new_zeros(0, 4), scores.new_zeros(0))
+        return [empty] * k
+    val, idx = scores.topk(top, dim=0)  # [top, K]
+    cls = torch.arange(k, device=scores.device).expand(top, k)
+    flat_boxes, flat_scores, flat_cls = boxes[idx.flatten()], val.flatten(), cls.flatten()
+    kept = batched_nms(flat_boxes.float(), flat_scores.float(), flat_cls, nms_iou)
+    kept_cls = flat_cls[kept]
+    return [(flat_boxes[kept[kept_cls == c]], flat_scores[kept[kept_cls == c]]) for c in range(k)]

@@ -1,0 +1,211 @@
+"""R-CNN detector training: per-class linear SVMs with one pass of hard-negative mining.
+
+Recipe (R-CNN ``rcnn_train.m``; DESIGN.md "Evaluation protocols"), all classes at once:
+
+- positives of class k: the (non-difficult) ground-truth boxes of class k;
+- candidate negatives of class k: windows whose IoU with every box of class k (difficult ones
+  included, so that a window on a difficult object is never a negative) is below ``neg_iou``
+  (0.3). Ground-truth boxes of other classes are windows like any other, as in R-CNN;
+- one pass over the training images: until the first retraining every candidate negative is
+  added (R-CNN's ``first_time``; at paper scale one image's ~2000 proposals already trigger it),
+  afterwards only the hard ones, scoring > ``hard_threshold`` (-1.0001) under the current model;
+- retrain as soon as some class has gained more than ``retrain_limit`` (2000) new negatives
+  since the last training, then evict that class's cached negatives scoring < ``evict_threshold``
+  (-1.2); retrain once more at the end;
+- squared-hinge linear SVMs (``cnnft.svm.train_svms``) with C = 1e-3, positive weight 2, bias
+  feature 10, on features multiplied by one scale that makes their mean norm 20 (estimated on
+  a sample of training windows).
+
+Batching choice: every class keeps its own negative set, but the sets live in one shared row
+buffer with a ``[rows, classes]`` membership mask; a retraining is one batched problem over the
+positives and the buffer, each class seeing its positives and its own negatives (other rows get
+weight 0). Negatives hard for several classes are stored once. Rows no class holds any more
+are dropped at eviction. Appends are amortised (capacity doubling) and eviction bounds the
+buffer, so the pass costs time linear in the number of images.
+
+Note: R-CNN trains with liblinear's L1-loss (hinge) solver; the project's solver minimises the
+squared hinge (L2-loss), liblinear's ``-s 2`` objective.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from cnnft.errors import ConfigError
+from cnnft.svm import SVMConfig, train_svms
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MiningConfig:
+    """Detector training settings (``conf/analyses/detection.yaml``: ``svm`` and ``mining``)."""
+
+    c: float = 1e-3
+    pos_weight: float = 2.0
+    bias: float = 10.0
+    target_norm: float = 20.0
+    tol: float = 1e-4
+    max_iter: int = 100
+    solver: str = "torch"
+    neg_iou: float = 0.3
+    hard_threshold: float = -1.0001
+    evict_threshold: float = -1.2
+    retrain_limit: int = 2000
+
+    def __post_init__(self) -> None:
+        if not self.c > 0 or self.retrain_limit < 1:
+            raise ConfigError(f"detection svm.c={self.c} must be > 0 and mining.retrain_limit="
+                              f"{self.retrain_limit} >= 1")
+        if not self.evict_threshold <= self.hard_threshold:
+            raise ConfigError(f"mining.evict_threshold={self.evict_threshold} must be <= "
+                              f"hard_threshold={self.hard_threshold} (else new hard negatives are "
+                              "evicted at once)")
+
+    def svm(self) -> SVMConfig:
+        return SVMConfig(c_grid=(self.c,), folds=1, pos_weight=self.pos_weight, bias=self.bias,
+                         normalize="none", target_norm=self.target_norm, tol=self.tol,
+                         max_iter=self.max_iter, solver=self.solver)
+
+
+@dataclass
+class Detectors:
+    """Linear detectors: ``score(x) = (scale * x) @ W.T + b`` for features ``x`` [n, D]."""
+
+    W: Tensor
+    b: Tensor
+    scale: float
+
+    def scores(self, x: Tensor) -> Tensor:
+        x = x.to(self.W.device, self.W.dtype)
+        return (x * self.scale) @ self.W.T + self.b
+
+
+@dataclass
+class MiningStats:
+    images: int = 0
+    retrains: int = 0
+    added: int = 0
+    evicted: int = 0
+    cache_rows: int = 0
+    cache_per_class: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    #: the final cache: ``(ids [n, 2] of (image number in the stream, window row), mask [n, K])``
+    cached: tuple[Tensor, Tensor] | None = None
+
+
+class _Rows:
+    """An append-only row buffer with amortised growth: features ``x`` [n, D], class membership
+    ``mask`` [n, K] and ``ids`` [n, 2] (image number, window row)."""
+
+    def __init__(self, dim: int, classes: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.x = torch.empty(0, dim, device=device, dtype=dtype)
+        self.mask = torch.empty(0, classes, device=device, dtype=torch.bool)
+        self.ids = torch.empty(0, 2, device=device, dtype=torch.long)
+        self.n = 0
+
+    def append(self, x: Tensor, mask: Tensor, ids: Tensor) -> None:
+        need = self.n + len(x)
+        if need > len(self.x):
+            cap = max(need, 2 * len(self.x), 256)
+            old = (self.x, self.mask, self.ids)
+            self.x, self.mask, self.ids = (t.new_zeros(cap, t.shape[1]) for t in old)
+            for new, t in zip((self.x, self.mask, self.ids), old, strict=True):
+                new[:self.n] = t[:self.n]
+        self.x[self.n:need], self.mask[self.n:need], self.ids[self.n:need] = x, mask, ids
+        self.n = need
+
+    def keep(self, rows: Tensor) -> None:
+        kept = int(rows.sum())
+        for t in (self.x, self.mask, self.ids):
+            t[:kept] = t[:self.n][rows]
+        self.n = kept
+
+
+def mean_norm_scale(samples: Iterable[Tensor], target_norm: float) -> float:
+    """The scale that makes the mean row norm of the sampled features ``target_norm``."""
+    total, count = 0.0, 0
+    for x in samples:
+        total += float(x.double().norm(dim=1).sum())
+        count += len(x)
+    if count == 0 or not total > 0:
+        raise ValueError(f"cannot scale features to mean norm {target_norm}: the {count} sampled "
+                         "windows have zero features")
+    return target_norm * count / total
+
+
+@torch.no_grad()
+def mine_detectors(positives: Tensor, positive_labels: Tensor, negatives: Iterable[tuple[Tensor, Tensor]],
+                   *, scale: float, cfg: MiningConfig, device: str | torch.device = "cpu",
+                   stats: MiningStats | None = None) -> Detectors:
+    """Train one detector per class by hard-negative mining (see the module doc).
+
+    Args:
+        positives: features [P, D] of the positive windows (unscaled).
+        positive_labels: bool [P, K]: row p is a positive of class k.
+        negatives: per training image, ``(features [n, D], candidate [n, K])``: the image's
+            windows and which of them are candidate negatives of each class. Streamed once.
+        scale: feature multiplier (``mean_norm_scale``).
+    """
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    svm = cfg.svm()
+    labels = positive_labels.to(device, torch.bool)
+    classes = labels.shape[1]
+    missing = torch.nonzero(~labels.any(0)).flatten().tolist()
+    if missing:
+        raise ValueError(f"no positive training window for class index(es) {missing}")
+    pos = positives.to(device, torch.float32) * scale
+    cache = _Rows(pos.shape[1], classes, device, torch.float32)
+    W = torch.zeros(classes, pos.shape[1], device=device)
+    b = torch.zeros(classes, device=device)
+    added = torch.zeros(classes, dtype=torch.long, device=device)
+    stats = stats if stats is not None else MiningStats()
+    first_time = True
+
+    def retrain() -> tuple[Tensor, Tensor]:
+        x = torch.cat([pos, cache.x[:cache.n]])
+        y = torch.cat([labels, labels.new_zeros(cache.n, classes)])
+        seen = torch.cat([labels, cache.mask[:cache.n]])
+        W, b = train_svms(x, y, cfg.c, cfg=svm, ignore=~seen)
+        W, b = W.float(), b.float()
+        # evict easy negatives, per class
+        z = cache.x[:cache.n] @ W.T + b
+        easy = cache.mask[:cache.n] & (z < cfg.evict_threshold)
+        stats.evicted += int(easy.sum())
+        cache.mask[:cache.n] &= ~easy
+        cache.keep(cache.mask[:cache.n].any(1))
+        stats.retrains += 1
+        return W, b
+
+    for image, (x, candidate) in enumerate(negatives):
+        stats.images += 1
+        x = x.to(device, torch.float32) * scale
+        candidate = candidate.to(device, torch.bool)
+        new = candidate if first_time else candidate & (x @ W.T + b > cfg.hard_threshold)
+        rows = new.any(1)
+        if rows.any():
+            index = torch.nonzero(rows).flatten()
+            cache.append(x[rows], new[rows], torch.stack([torch.full_like(index, image), index], 1))
+            added += new.sum(0)
+            stats.added += int(new.sum())
+        if bool((added > cfg.retrain_limit).any()):
+            W, b = retrain()
+            added.zero_()
+            first_time = False
+    if first_time or bool(added.any()):
+        W, b = retrain()
+    stats.cache_rows = cache.n
+    stats.cache_per_class = cache.mask[:cache.n].sum(0).tolist()
+    stats.cached = (cache.ids[:cache.n].cpu(), cache.mask[:cache.n].cpu())
+    stats.seconds = time.perf_counter() - t0
+    log.info("hard-negative mining: %d images, %d retrainings, %d negatives added, %d evicted, "
+             "%d cached at the end, %.1f s", stats.images, stats.retrains, stats.added, stats.evicted,
+             stats.cache_rows, stats.seconds)
+    return Detectors(W, b, scale)

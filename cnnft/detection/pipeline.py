@@ -1,0 +1,188 @@
+"""R-CNN detection on VOC07 for any layer at or after pool5: train on trainval, test on test.
+
+``run_detection`` builds (or loads) the cached pool5 region features of both splits, then for
+every layer and ablation: estimates the feature scale, trains the detectors by hard-negative
+mining (``cnnft.detection.mining``), scores every test proposal, keeps per class the top boxes
+of each image after NMS, and evaluates the VOC07 detection AP per class
+(``cnnft.detection.evaluation``). Returns rows ``{layer, ablation, class, ap}`` plus a
+``class == "mAP"`` row per (layer, ablation) carrying the mining figures.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.ops import box_iou
+
+from cnnft.ablations import unroll
+from cnnft.data.proposals import ProposalSettings
+from cnnft.data.voc import VOC_CLASSES, VOCImage, load_voc
+from cnnft.detection.evaluation import detection_average_precision, top_k_nms
+from cnnft.detection.mining import MiningConfig, MiningStats, mean_norm_scale, mine_detectors
+from cnnft.detection.regions import (
+    CACHED_LAYER,
+    Regions,
+    RegionStore,
+    check_detection_layers,
+    default_cache,
+    layer_transform,
+    split_regions,
+)
+from cnnft.errors import DataError
+from cnnft.features import FeatureCache
+
+log = logging.getLogger(__name__)
+
+Ablation = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DetectionSettings:
+    """Everything but the model and the layers (``conf/analyses/detection.yaml``)."""
+
+    voc_root: Path
+    crop: int
+    pad: int
+    mean: tuple[float, ...]
+    proposal_cache: Path
+    proposals: ProposalSettings = field(default_factory=ProposalSettings)
+    compute_missing: bool = True
+    proposal_workers: int = 2
+    max_proposals: int = 2000
+    train_split: str = "trainval"
+    test_split: str = "test"
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    norm_sample_images: int = 100
+    top_k: int = 100
+    nms_iou: float = 0.3
+    match_iou: float = 0.5
+    ap_mode: str = "voc07"
+    shard_images: int = 64
+    batch_size: int = 64
+    seed: int = 0
+
+
+def check_classes(images: Sequence[VOCImage], split: str, root: object, purpose: str) -> None:
+    """Every class needs a non-difficult ground-truth box in ``images``: DataError naming those without."""
+    count = np.zeros(len(VOC_CLASSES), int)
+    for im in images:
+        np.add.at(count, im.labels[~im.difficult], 1)
+    empty = [cls for cls, n in zip(VOC_CLASSES, count, strict=True) if n == 0]
+    if empty:
+        raise DataError(f"{root}: split {split!r} has no non-difficult ground-truth box of class(es) "
+                        f"{empty}; detection needs one per class {purpose}")
+
+
+def candidate_negatives(boxes: np.ndarray, im: VOCImage, neg_iou: float) -> torch.Tensor:
+    """bool [n, K]: windows whose IoU with every box of class k (difficult included) is < ``neg_iou``."""
+    out = torch.ones(len(boxes), len(VOC_CLASSES), dtype=torch.bool)
+    if len(boxes) == 0 or len(im.boxes) == 0:
+        return out
+    iou = box_iou(torch.from_numpy(boxes), torch.from_numpy(im.boxes))
+    for k in np.unique(im.labels):
+        out[:, k] = iou[:, torch.from_numpy(im.labels == k)].amax(1) < neg_iou
+    return out
+
+
+def positive_labels(im: VOCImage) -> torch.Tensor:
+    """bool [num non-difficult gt, K]: the class of each ground-truth window (``Regions`` order)."""
+    labels = torch.from_numpy(im.labels[~im.difficult])
+    return torch.nn.functional.one_hot(labels, len(VOC_CLASSES)).bool()
+
+
+def build_store(model: nn.Module, regions: Regions, s: DetectionSettings, *, model_key: str,
+                cache: FeatureCache, device: str, progress: bool) -> RegionStore:
+    key = {"model": model_key, "data": f"{s.voc_root}:{regions.split}",
+           "transform": {"kind": "region", "crop": s.crop, "pad": s.pad, "mean": list(s.mean),
+                         "proposals": asdict(s.proposals), "max_proposals": s.max_proposals,
+                         "gt": regions.num_gt != [0] * len(regions.num_gt)}}
+    store = RegionStore(regions, cache, key, shard_images=s.shard_images)
+    return store.build(model, crop=s.crop, pad=s.pad, mean=s.mean, batch_size=s.batch_size,
+                       device=device, progress=progress)
+
+
+def _on(device: str, feats: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda pool5: feats(pool5.to(device))
+
+
+def train_detectors(train: RegionStore, feats: Callable[[torch.Tensor], torch.Tensor],
+                    s: DetectionSettings, device: str, stats: MiningStats):
+    """Scale estimate, positives, then the mining pass over the training images."""
+    images = train.regions.images
+    rng = np.random.default_rng(s.seed)
+    sample = sorted(rng.choice(len(images), size=min(s.norm_sample_images, len(images)), replace=False))
+    scale = mean_norm_scale((feats(p5) for _, p5 in train.images(sample)), s.mining.target_norm)
+    pos, pos_labels = [], []
+    for i, p5 in train.images(rows="gt"):
+        if len(p5):
+            pos.append(feats(p5))
+            pos_labels.append(positive_labels(images[i]))
+
+    def negatives() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i, p5 in train.images():
+            yield feats(p5), candidate_negatives(train.regions.boxes[i], images[i], s.mining.neg_iou)
+
+    return mine_detectors(torch.cat(pos), torch.cat(pos_labels), negatives(), scale=scale,
+                          cfg=s.mining, device=device, stats=stats)
+
+
+def evaluate(test: RegionStore, feats: Callable[[torch.Tensor], torch.Tensor], detectors,
+             s: DetectionSettings) -> np.ndarray:
+    """Per-class VOC detection AP of the detectors on every test image."""
+    per_class: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in VOC_CLASSES]
+    for i, p5 in test.images():
+        boxes = torch.from_numpy(test.regions.boxes[i])
+        scores = detectors.scores(feats(p5)).cpu() if len(p5) else torch.zeros(0, len(VOC_CLASSES))
+        for k, dets in enumerate(top_k_nms(boxes, scores, top_k=s.top_k, nms_iou=s.nms_iou)):
+            per_class[k].append(dets)
+    images = test.regions.images
+    return np.array([detection_average_precision(
+        per_class[k], [(im.boxes[im.labels == k], im.difficult[im.labels == k]) for im in images],
+        iou=s.match_iou, mode=s.ap_mode) for k in range(len(VOC_CLASSES))])
+
+
+def run_detection(model: nn.Module, *, layers: Sequence[str], ablations: Mapping[str, Ablation],
+                  settings: DetectionSettings, model_key: str, cache: FeatureCache | None,
+                  output_dir: Path, device: str = "cpu", progress: bool = True) -> list[dict[str, Any]]:
+    """Detection AP per class for every layer and ablation (see the module doc)."""
+    from cnnft.probing import applies
+
+    s = settings
+    net = getattr(model, "net", model)
+    layers = check_detection_layers(net, layers)
+    cache = cache or default_cache(output_dir)
+    splits = {}
+    for split, gt, purpose in ((s.train_split, True, "to train its detector (positives)"),
+                               (s.test_split, False, "for its test AP")):
+        images = load_voc(s.voc_root, split)
+        check_classes(images, split, s.voc_root, purpose)
+        regions = split_regions(images, split, cache_dir=s.proposal_cache, settings=s.proposals,
+                                max_proposals=s.max_proposals, include_gt=gt,
+                                compute_missing=s.compute_missing, workers=s.proposal_workers,
+                                progress=progress)
+        splits[split] = build_store(model, regions, s, model_key=model_key, cache=cache,
+                                    device=device, progress=progress)
+    rows: list[dict[str, Any]] = []
+    for layer in layers:
+        for name, ablation in ablations.items():
+            spatial = torch.zeros(1, 1, 1, 1) if layer == CACHED_LAYER else torch.zeros(1, 1)
+            if not applies(ablation, spatial):
+                continue
+            feats = _on(device, layer_transform(net, layer, ablation or unroll))
+            stats = MiningStats()
+            detectors = train_detectors(splits[s.train_split], feats, s, device, stats)
+            ap = evaluate(splits[s.test_split], feats, detectors, s)
+            rows += [{"layer": layer, "ablation": name, "class": cls, "ap": float(v)}
+                     for cls, v in zip(VOC_CLASSES, ap, strict=True)]
+            rows.append({"layer": layer, "ablation": name, "class": "mAP", "ap": float(ap.mean()),
+                         "retrains": stats.retrains, "cached_negatives": stats.cache_rows,
+                         "mining_s": round(stats.seconds, 3)})
+            log.info("detection %s/%s: mAP %.4f", layer, name, ap.mean())
+    return rows
