@@ -33,7 +33,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
@@ -351,7 +351,8 @@ class Pipeline:
                 continue
             for analysis in spec.analyses:
                 units.append(self.analysis_unit(
-                    f"analyze/snapshots/{path.stem}/{analysis}", self.root / "analyze" / "snapshots" / path.stem,
+                    f"analyze/snapshots/{path.stem}/{analysis}",
+                    self.root / "analyze" / "snapshots" / path.stem,
                     analysis, lambda p=path: str(p), list((spec.get("overrides") or {}).get(analysis, [])),
                     ("pretrain",)))
         return units
@@ -372,7 +373,8 @@ class Pipeline:
         if stage in TRAIN_STAGES:
             if stage == "pretrain" and self.cfg.pretrained:
                 return []
-            if stage == "fifty_fifty" and self.cfg.pretrained and not Path(self.fifty_fifty_checkpoint()).is_file():
+            if (stage == "fifty_fifty" and self.cfg.pretrained
+                    and not Path(self.fifty_fifty_checkpoint()).is_file()):
                 log.warning("fifty_fifty skipped: pretrained=%s was given and there is no pretraining "
                             "snapshot %s to start the 50-50 network from", self.cfg.pretrained,
                             self.fifty_fifty_checkpoint())

@@ -41,7 +41,8 @@ def header_md(res: Results) -> str:
                   "generated data), not from the paper's setup; they show that the pipeline runs and what it "
                   "measures, and are not comparable to the paper's numbers in parentheses.", ""]
     facts = [("scale", scale), ("ImageNet root", info.get("imagenet_root") or "n/a"),
-             ("VOC 2007 root", info.get("voc_root") or "n/a"), ("git commit", info.get("commit") or "unknown"),
+             ("VOC 2007 root", info.get("voc_root") or "n/a"),
+             ("git commit", info.get("commit") or "unknown"),
              ("run started", info.get("started") or "n/a"),
              ("report built", datetime.now().isoformat(timespec="seconds")),
              ("machine", info.get("machine") or "n/a"),
@@ -59,8 +60,8 @@ def claims_md(claims: list[ClaimResult]) -> str:
     held = sum(c.ours[0] is True for c in claims)
     checked = sum(c.ours[0] is not None for c in claims)
     return "\n".join(["## The paper's claims on this run", "",
-                      f"{held} of {checked} checkable claims hold here ({len(claims) - checked} not checkable "
-                      "with the results at hand).", "",
+                      f"{held} of {checked} checkable claims hold here ({len(claims) - checked} not "
+                      "checkable with the results at hand).", "",
                       _md_table(["claim", "paper section", "this run", "paper's numbers"], rows), ""])
 
 

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 from cnnft.report.load import Results
 from cnnft.report.paper import LAYERS, PAPER_LAYER, PAPER_LAYER_CONV, paper_tables
-from cnnft.report.tables import TABLE3_ROWS, TABLE4_ABLATIONS, TABLE5_ROWS, TABLE8_ROWS, snapshot_columns, snapshot_map
+from cnnft.report.tables import (
+    TABLE3_ROWS,
+    TABLE4_ABLATIONS,
+    TABLE5_ROWS,
+    TABLE8_ROWS,
+    snapshot_columns,
+    snapshot_map,
+)
 
 Number = float | None
 
@@ -85,8 +92,8 @@ class PaperNumbers(Numbers):
                     PAPER_LAYER_CONV[layer]][theirs]
         for layer in ("pool5", "relu6", "relu7"):
             row = t["table2_finetuning_effect"][PAPER_LAYER[layer]]
-            for task, analysis in (("image_classification", "probe_cls"), ("gtbox_classification", "probe_gtbox"),
-                                   ("detection", "detection")):
+            for task, analysis in (("image_classification", "probe_cls"),
+                                   ("gtbox_classification", "probe_gtbox"), ("detection", "detection")):
                 for net, network in (("alexnet", "pretrained"), ("all_tune", "finetune_all"),
                                      ("fc_tune", "finetune_fc")):
                     if row[task][net] is not None:
@@ -95,7 +102,8 @@ class PaperNumbers(Numbers):
             idx["detection", network, layer, "unroll"] = t["table3_detection_finetuning"][label]["mAP"]
         for label, ablation in TABLE5_ROWS.items():
             if ablation and ablation != "unroll":
-                idx["detection", "finetune_all", "pool5", ablation] = t["table5_detection_ablations"][label]["mAP"]
+                idx["detection", "finetune_all", "pool5", ablation] = (
+                    t["table5_detection_ablations"][label]["mAP"])
         for label, (network, layer) in TABLE8_ROWS.items():
             idx.setdefault(("detection", network, layer, "unroll"), t["table8_50_50_detection"][label]["mAP"])
         self.idx, self.t = idx, t
@@ -126,7 +134,8 @@ def _f(v: Number) -> str:
     return "n/a" if v is None else f"{v:.1f}"
 
 
-def _gain(n: Numbers, analysis: str, layer: str, tuned: str = "finetune_all", base: str = "pretrained") -> Number:
+def _gain(n: Numbers, analysis: str, layer: str, tuned: str = "finetune_all",
+          base: str = "pretrained") -> Number:
     a, b = n.map(analysis, tuned, layer), n.map(analysis, base, layer)
     return None if a is None or b is None else a - b
 
@@ -170,10 +179,12 @@ def image_cls_unchanged_by_finetuning(n: Numbers, tolerance: float = 2.0) -> Ver
 
 
 def shuffle_hurts_pool5_little(n: Numbers, keep: float = 0.85) -> Verdict:
-    plain, shuffled = n.map("probe_cls", "pretrained", "pool5"), n.map("probe_cls", "pretrained", "pool5", "shuffle")
+    plain = n.map("probe_cls", "pretrained", "pool5")
+    shuffled = n.map("probe_cls", "pretrained", "pool5", "shuffle")
     if plain is None or shuffled is None:
         return None, "needs probe_cls with the shuffle ablation on the pretrained network"
-    return shuffled >= keep * plain, f"pool-5 {plain:.1f} -> shuffled {shuffled:.1f} ({shuffled / plain:.0%} kept)"
+    return shuffled >= keep * plain, (f"pool-5 {plain:.1f} -> shuffled {shuffled:.1f} "
+                                      f"({shuffled / plain:.0%} kept)")
 
 
 def spatial_max_hurts_detection(n: Numbers, drop: float = 10.0) -> Verdict:
@@ -195,7 +206,8 @@ def spatial_max_fine_for_classification(n: Numbers, keep: float = 0.9) -> Verdic
 def binarize_fc_unchanged(n: Numbers, tolerance: float = 2.0) -> Verdict:
     out, ok = [], True
     for layer in ("relu6", "relu7"):
-        plain, binary = n.map("probe_cls", "pretrained", layer), n.map("probe_cls", "pretrained", layer, "binarize")
+        plain = n.map("probe_cls", "pretrained", layer)
+        binary = n.map("probe_cls", "pretrained", layer, "binarize")
         if plain is None or binary is None:
             return None, "needs probe_cls with the binarize ablation at relu6/relu7"
         ok &= abs(binary - plain) <= tolerance
@@ -211,7 +223,8 @@ def fc_tuning_recovers_detection(n: Numbers, share: float = 0.75) -> Verdict:
     if full <= base:  # type: ignore[operator]
         return False, f"no gain to recover: alex-net {_f(base)}, all-tune {_f(full)}, fc-tune {_f(fc)}"
     frac = (fc - base) / (full - base)  # type: ignore[operator]
-    return frac >= share, f"relu-7: alex-net {_f(base)}, all-tune {_f(full)}, fc-tune {_f(fc)} ({frac:.0%} of the gain)"
+    return frac >= share, (f"relu-7: alex-net {_f(base)}, all-tune {_f(full)}, fc-tune {_f(fc)} "
+                           f"({frac:.0%} of the gain)")
 
 
 def deeper_layers_classify_better(n: Numbers) -> Verdict:
@@ -245,7 +258,8 @@ def representation_is_distributed(n: Numbers, share: float = 0.1) -> Verdict:
     if not k90 or not units:
         return None, "needs unit_count (summary) for the pretrained network"
     med = statistics.median(k90)
-    return med >= share * units, f"median filters for 90% of full AP: {med:g} of {units:g} ({med / units:.0%})"
+    return med >= share * units, (f"median filters for 90% of full AP: {med:g} of {units:g} "
+                                  f"({med / units:.0%})")
 
 
 def finetuning_needs_fewer_filters(n: Numbers) -> Verdict:
@@ -264,8 +278,8 @@ class Claim:
 
 
 CLAIMS: tuple[Claim, ...] = (
-    Claim("Fine-tuning changes fc6/fc7 filter selectivity (mean AuE) more than the conv layers'", "3.2, Fig. 1",
-          fc_aue_changes_most),
+    Claim("Fine-tuning changes fc6/fc7 filter selectivity (mean AuE) more than the conv layers'",
+          "3.2, Fig. 1", fc_aue_changes_most),
     Claim("Fine-tuning helps GT-box classification at relu-7 at least as much as at pool-5", "Table 1",
           gtbox_gain_relu7_vs_pool5),
     Claim("Fine-tuning helps GT-box classification more at fc6/fc7 than at pool-1/pool-2", "Table 1",
@@ -280,7 +294,8 @@ CLAIMS: tuple[Claim, ...] = (
           shuffle_hurts_pool5_little),
     Claim("Spatial max is nearly as good as unrolled pool-5 for image classification (>= 90% kept)",
           "4.1, Table 4", spatial_max_fine_for_classification),
-    Claim("Spatial max hurts pool-5 detection badly (>= 10 points)", "4.1, Table 5", spatial_max_hurts_detection),
+    Claim("Spatial max hurts pool-5 detection badly (>= 10 points)", "4.1, Table 5",
+          spatial_max_hurts_detection),
     Claim("Binarizing fc6/fc7 barely changes image classification (within 2 points)", "4.2, Table 4",
           binarize_fc_unchanged),
     Claim("The representation is distributed: the median class needs >= 10% of pool-5 filters for 90% of "

@@ -110,7 +110,8 @@ def table3(res: Results) -> Table:
     paper = paper_tables()["table3_detection_finetuning"]
     rows = [(label, _per_class_row(res, "detection", net, layer, "unroll", paper.get(label)))
             for label, (net, layer) in TABLE3_ROWS.items()]
-    return Table("table3", "Table 3: detection, fine-tuning effects (AP %)", "Feature", _class_columns(), rows,
+    return Table("table3", "Table 3: detection, fine-tuning effects (AP %)", "Feature", _class_columns(),
+                 rows,
                  {("detection", n) for n, _ in TABLE3_ROWS.values()})
 
 
@@ -206,7 +207,8 @@ def snapshot_map(res: Results, layer: str, iteration: int | None) -> Number:
 def table7(res: Results) -> Table:
     paper = paper_tables()["table7_snapshots_image_classification"]
     columns = snapshot_columns(res)
-    rows = [(PAPER_LAYER_CONV[layer], [(snapshot_map(res, layer, ours), paper["rows"][PAPER_LAYER_CONV[layer]][i])
+    rows = [(PAPER_LAYER_CONV[layer], [(snapshot_map(res, layer, ours),
+                                        paper["rows"][PAPER_LAYER_CONV[layer]][i])
                                        for i, (_, ours) in enumerate(columns)]) for layer in LAYERS]
     titles = [f"{label} (ours {it})" if it is not None else label for label, it in columns]
     return Table("table7", "Table 7: VOC 2007 image classification (mAP %) of alex-net's layers during "
@@ -223,10 +225,12 @@ def table8(res: Results) -> Table:
     rows = [(label, _per_class_row(res, "detection", net, layer, "unroll", paper.get(label)))
             for label, (net, layer) in TABLE8_ROWS.items()]
     return Table("table8", "Table 8: detection with the 50-50 network (AP %; l5 = pool-5, l7 = relu-7)",
-                 "Feature", _class_columns(), rows, {("detection", "fifty_fifty"), ("detection", "finetune_all")})
+                 "Feature", _class_columns(), rows,
+                 {("detection", "fifty_fifty"), ("detection", "finetune_all")})
 
 
-TABLES: tuple[Callable[[Results], Table], ...] = (table1, table2, table3, table4, table5, table6, table7, table8)
+TABLES: tuple[Callable[[Results], Table], ...] = (
+    table1, table2, table3, table4, table5, table6, table7, table8)
 
 
 def build_tables(res: Results) -> list[Table]:
