@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cnnft.errors import CnnftError
 from cnnft.report.build import build_report
+from cnnft.report.load import split_spec
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wandb", action="store_true", help="also log the tables to a W&B run (offline)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = args.out or Path(args.runs[0].rpartition("=")[2]) / "report"
+    out = args.out or split_spec(args.runs[0])[1] / "report"
     try:
         md = build_report(args.runs, out, wandb=args.wandb)
     except CnnftError as e:

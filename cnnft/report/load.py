@@ -197,17 +197,24 @@ def _info_from_config(run: Path) -> dict[str, Any]:
             "voc_root": data.get("voc_root")}
 
 
+def split_spec(spec: str | Path) -> tuple[str | None, Path]:
+    """``NAME=DIR`` -> (NAME, DIR); a plain directory (which may contain ``=``) -> (None, DIR)."""
+    name, sep, rest = str(spec).partition("=")
+    if sep and name and "/" not in name and not Path(str(spec)).exists():
+        return name, Path(rest)
+    return None, Path(str(spec))
+
+
 def load_results(dirs: list[str | Path]) -> Results:
     """Load every given directory (see the module docstring) into one :class:`Results`."""
     res = Results()
     for spec in dirs:
-        name, _, path_text = str(spec).rpartition("=") if "=" in str(spec) else ("", "", str(spec))
-        path = Path(path_text)
+        name, path = split_spec(spec)
         if not path.is_dir():
             raise DataError(f"run directory {path} does not exist; expected a cnnft-reproduce root, "
                             "a run directory with results/, or a directory of those")
         res.sources.append(path)
-        _load_one(res, path, name or None)
+        _load_one(res, path, name)
     res.info.setdefault("commit", git_commit())
     return res
 
