@@ -264,8 +264,10 @@ class Pipeline:
     def network_checkpoint(self, network: str) -> str:
         if network == "random":
             return "random"
+        if network == "pretrained" and self.cfg.pretrained:
+            return self.as_cnnft_checkpoint(str(self.cfg.pretrained))
         if network == "pretrained":
-            return self.as_cnnft_checkpoint(self.pretrained_checkpoint())
+            return str(self.root / "pretrain" / "checkpoints" / "last.ckpt")
         return str(self.root / network / "checkpoints" / "last.ckpt")
 
     def as_cnnft_checkpoint(self, path: str) -> str:
