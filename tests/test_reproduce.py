@@ -189,7 +189,7 @@ def test_tiny_pipeline_end_to_end_with_a_killed_stage(data_dir: Path, tmp_path: 
     tiny = [*TINY_RUN, f"paths.data_dir={data_dir}", "progress=false", "probe.c_grid=[0.1,1.0]",
             "probe.folds=2", "batch_size=16", "recipe.fifty_fifty.pretrain_iteration=4",
             "recipe.fifty_fifty.finetune_steps=4", "layers=[pool1,pool5,relu7]"]
-    crash = "train_overrides=[+callbacks.crash._target_=tests.crash.CrashAt,+callbacks.crash.step=5]"
+    crash = "train_overrides=['+callbacks.crash._target_=tests.crash.CrashAt','+callbacks.crash.step=5']"
     status = reproduce(repro_cfg(root, crash), tiny)
     assert status["pretrain"]["status"] == "failed" and status["finetune_all"]["status"] == "blocked"
     status = reproduce(repro_cfg(root), tiny)
