@@ -1,0 +1,231 @@
+"""Write the report: ``report.md``, a self-contained ``report.html``, ``tables/*.csv``,
+``figures/*.png``, and optionally a W&B run holding the tables and figures."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import logging
+import re
+import shutil
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from cnnft.io import atomic_write
+from cnnft.report.claims import ClaimResult, evaluate_claims
+from cnnft.report.figures import FIGURES
+from cnnft.report.load import Results, load_results
+from cnnft.report.paper import NETWORK_TITLE, NETWORKS
+from cnnft.report.tables import Table, build_tables, missing_results
+
+log = logging.getLogger(__name__)
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def esc(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def header_md(res: Results) -> str:
+    info = res.info
+    scale = info.get("scale") or "unknown"
+    lines = ["# Reproduction report: Agrawal, Girshick, Malik 2014", ""]
+    if scale != "paper":
+        lines += [f"> **Scale: {scale}.** These numbers come from the `{scale}` setting (a small network on "
+                  "generated data), not from the paper's setup; they show that the pipeline runs and what it "
+                  "measures, and are not comparable to the paper's numbers in parentheses.", ""]
+    facts = [("scale", scale), ("ImageNet root", info.get("imagenet_root") or "n/a"),
+             ("VOC 2007 root", info.get("voc_root") or "n/a"),
+             ("git commit", info.get("commit") or "unknown"),
+             ("run started", info.get("started") or "n/a"),
+             ("report built", datetime.now().isoformat(timespec="seconds")),
+             ("machine", info.get("machine") or "n/a"),
+             ("overrides", " ".join(info.get("overrides") or []) or "none"),
+             ("sources", ", ".join(str(p) for p in res.sources))]
+    lines += [_md_table(["", ""], [[f"**{k}**", f"`{v}`"] for k, v in facts]), "",
+              "Cells read **ours (paper)**: our number, then the paper's in parentheses; `n/a` = we have "
+              "no result for that cell, `-` = the paper gives none.", ""]
+    return "\n".join(lines)
+
+
+def claims_md(claims: list[ClaimResult]) -> str:
+    rows = [[c.claim.text, c.claim.section, f"**{ClaimResult.word(c.ours[0])}**: {c.ours[1]}",
+             f"{ClaimResult.word(c.paper[0])}: {c.paper[1]}"] for c in claims]
+    held = sum(c.ours[0] is True for c in claims)
+    checked = sum(c.ours[0] is not None for c in claims)
+    return "\n".join(["## The paper's claims on this run", "",
+                      f"{held} of {checked} checkable claims hold here ({len(claims) - checked} not "
+                      "checkable with the results at hand).", "",
+                      _md_table(["claim", "paper section", "this run", "paper's numbers"], rows), ""])
+
+
+def table_md(table: Table) -> str:
+    parts = [f"### {table.title}", "", _md_table([table.corner, *table.columns], table.text_rows()), ""]
+    if table.note:
+        parts += [f"*{table.note}*", ""]
+    return "\n".join(parts)
+
+
+def write_table_csv(table: Table, folder: Path) -> Path:
+    """``tables/<key>.csv``: one line per cell (row, column, ours, paper)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow([table.corner, "column", "ours", "paper"])
+    for (label, cells) in table.rows:
+        for column, (ours, paper) in zip(table.columns, cells):
+            writer.writerow([label, column, "" if ours is None else round(ours, 4),
+                             "" if paper is None else paper])
+    return atomic_write(folder / f"{table.key}.csv", lambda tmp: tmp.write_text(buf.getvalue()))
+
+
+def status_md(res: Results, missing: list[tuple[str, str]]) -> str:
+    lines = ["## What this report is missing", ""]
+    if missing:
+        by_analysis: dict[str, list[str]] = {}
+        for analysis, network in missing:
+            by_analysis.setdefault(analysis, []).append(network)
+        lines += [f"- `{a}`: no results for {', '.join(nets)}" for a, nets in by_analysis.items()]
+    else:
+        lines.append("- nothing: every table has the results it reads.")
+    if res.failures:
+        lines += ["", "Failed units (their error; the other units' results are kept):", ""]
+        lines += [f"- `{f['unit']}`: {f['error']}" for f in res.failures]
+    if res.stages:
+        lines += ["", "## Stages", "",
+                  _md_table(["unit", "status", "wall time (s)"],
+                            [[k, v.get("status", ""), "" if v.get("wall_s") is None else f"{v['wall_s']:.0f}"]
+                             for k, v in res.stages.items()])]
+        if res.info.get("wall_s") is not None:
+            lines.append(f"\nTotal wall time of the last `cnnft-reproduce` call: {res.info['wall_s']:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def _save(fig: object, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))  # type: ignore[attr-defined]
+    plt.close(fig)  # type: ignore[arg-type]
+    return path
+
+
+def figures_md(res: Results, out: Path) -> str:
+    folder = out / "figures"
+    lines = ["## Figures", ""]
+    for name, make in FIGURES.items():
+        try:
+            fig = make(res)
+        except Exception as e:  # a broken input file must not stop the report
+            log.exception("figure %s failed", name)
+            lines += [f"- {name}: could not be drawn ({type(e).__name__}: {e})", ""]
+            continue
+        if fig is None:
+            lines += [f"- {name}: n/a (its results are missing)", ""]
+            continue
+        _save(fig, folder / f"{name}.png")
+        lines += [f"![{name}](figures/{name}.png)", ""]
+    gallery = []
+    for network in [*NETWORKS, *sorted(set(res.figures) - set(NETWORKS))]:
+        for src in res.figures.get(network, []):
+            target = folder / f"{network}__{src.name}"
+            shutil.copyfile(src, target)
+            gallery.append(f"![{network}: {src.stem}](figures/{target.name})")
+    if gallery:
+        lines += ["### Figures written by the analyses", "", *gallery, ""]
+    return "\n".join(lines)
+
+
+def networks_md(res: Results) -> str:
+    rows = []
+    for network in [*NETWORKS, *sorted(set(res.tables) - set(NETWORKS))]:
+        analyses = sorted(res.tables.get(network, {}))
+        rows.append([network, NETWORK_TITLE.get(network, network), ", ".join(analyses) or "none"])
+    snaps = sorted(res.snapshots)
+    rows.append(["snapshots", "pretraining snapshots",
+                 f"{len(snaps)} snapshots ({', '.join(map(str, snaps))})" if snaps else "none"])
+    return "\n".join(["## Networks and the results loaded", "",
+                      _md_table(["network", "paper's name", "results"], rows), ""])
+
+
+# ---------------------------------------------------------------- html
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:3px 6px}
+th{background:#f3f3f3}td{white-space:nowrap}blockquote{background:#fff4e5;border-left:4px solid #f90;
+margin:0;padding:.5em 1em}img{max-width:100%}code{background:#f6f6f6}"""
+
+
+def to_html(markdown_text: str, base: Path, title: str) -> str:
+    """Markdown -> one HTML file; every local image is inlined as a base64 data URI."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown_text)
+
+    def inline(match: re.Match[str]) -> str:
+        path = base / match.group(1)
+        if not path.is_file():
+            return match.group(0)
+        data = base64.b64encode(path.read_bytes()).decode()
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="([^":]+\.png)"', inline, body)
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title>"
+            f"<style>{CSS}</style></head><body>\n{body}</body></html>\n")
+
+
+# ---------------------------------------------------------------- W&B
+
+
+def log_wandb(tables: list[Table], claims: list[ClaimResult], out: Path, res: Results) -> None:
+    """One W&B run (offline unless configured otherwise) with every table, the claims and figures."""
+    import wandb
+
+    run = wandb.init(project="cnnft", job_type="report", dir=str(out), mode="offline",
+                     group=f"report-{res.info.get('scale', 'unknown')}", config=dict(res.info),
+                     tags=["report", str(res.info.get("scale", "unknown"))], reinit="finish_previous")
+    try:
+        for t in tables:
+            run.log({f"report/{t.key}": wandb.Table(columns=[t.corner, *t.columns], data=t.text_rows())})
+        run.log({"report/claims": wandb.Table(
+            columns=["claim", "this run", "paper"],
+            data=[[c.claim.text, f"{ClaimResult.word(c.ours[0])}: {c.ours[1]}",
+                   f"{ClaimResult.word(c.paper[0])}: {c.paper[1]}"] for c in claims])})
+        for png in sorted((out / "figures").glob("figure*.png")):
+            run.log({f"report/{png.stem}": wandb.Image(str(png))})
+    finally:
+        run.finish()
+
+
+# ---------------------------------------------------------------- entry
+
+
+def build_report(dirs: Sequence[str | Path], out: str | Path, *, wandb: bool = False) -> Path:
+    """Load ``dirs``, write the report into ``out``; return the path of ``report.md``."""
+    res = load_results(list(dirs))
+    out = Path(out)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    tables = build_tables(res)
+    claims = evaluate_claims(res)
+    missing = missing_results(res, tables)
+    for t in tables:
+        write_table_csv(t, out / "tables")
+    parts = [header_md(res), claims_md(claims), "## Tables", "", *(table_md(t) for t in tables),
+             figures_md(res, out), networks_md(res), status_md(res, missing)]
+    text = "\n".join(parts)
+    md = atomic_write(out / "report.md", lambda tmp: tmp.write_text(text))
+    html = to_html(text, out, f"cnnft report ({res.info.get('scale', 'unknown')} scale)")
+    atomic_write(out / "report.html", lambda tmp: tmp.write_text(html))
+    if wandb:
+        try:
+            log_wandb(tables, claims, out, res)
+        except Exception:  # the files are the report; W&B is a copy
+            log.exception("W&B logging of the report failed; the files in %s are complete", out)
+    log.info("report: %s (%d of %d table cells with our numbers; %d results missing)", md,
+             sum(t.filled() for t in tables), sum(len(t.rows) * len(t.columns) for t in tables), len(missing))
+    return md

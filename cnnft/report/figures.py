@@ -1,0 +1,131 @@
+"""The paper's Figures 1, 4 and 5 re-drawn from our results (matplotlib, Agg).
+
+Each function returns a figure, or ``None`` when the results it needs are missing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cnnft.report.load import Results
+from cnnft.report.paper import CLASS_SHORT, LAYERS, PAPER_LAYER, PAPER_PRETRAIN_ITERATIONS
+
+NETS = (("pretrained", "alex-net", "-."), ("finetune_all", "fine-tuned", "-"))
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure1(res: Results) -> Any | None:
+    """AuE distribution per layer, and mean AuE of the top-k% most selective filters
+    (dash-dot: alex-net, solid: fine-tuned)."""
+    if not any(res.has(net, "filter_entropy") for net, _, _ in NETS):
+        return None
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = dict(zip(LAYERS, plt.get_cmap("viridis")([i / (len(LAYERS) - 1) for i in range(len(LAYERS))])))
+    for net, title, style in NETS:
+        rows = res.rows(net, "filter_entropy")
+        for layer in LAYERS:
+            values = [r["aue"] for r in rows if r.get("layer") == layer]
+            if values:
+                left.hist(values, bins=20, histtype="step", linestyle=style, color=colors[layer],
+                          label=f"{PAPER_LAYER[layer]} {title}")
+        topk = res.rows(net, "filter_entropy_topk")
+        for layer in LAYERS:
+            pts = sorted((r["k"], r["mean_aue"]) for r in topk if r.get("layer") == layer)
+            if pts:
+                total = max(k for k, _ in pts)
+                right.plot([100 * k / total for k, _ in pts], [v for _, v in pts], linestyle=style,
+                           color=colors[layer], label=f"{PAPER_LAYER[layer]} {title}")
+    left.set(xlabel="area under the entropy curve (AuE)", ylabel="number of filters", title="AuE per filter")
+    right.set(xlabel="top k% most selective filters", ylabel="mean AuE", title="mean AuE of the top k%")
+    right.legend(fontsize=6, ncol=2)
+    fig.suptitle("Fig. 1: filter selectivity (dash-dot: alex-net, solid: fine-tuned)")
+    fig.tight_layout()
+    return fig
+
+
+def figure4(res: Results) -> Any | None:
+    """AP(k) per class: AP of a linear SVM on the k most important pool-5 filters."""
+    if not any(res.has(net, "unit_count") for net, _, _ in NETS):
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(4, 5, figsize=(13, 9), sharex=True, sharey=True)
+    for ax, cls in zip(axes.flat, CLASS_SHORT):
+        for net, title, style in NETS:
+            pts = sorted((r["k"], 100 * r["ap"]) for r in res.rows(net, "unit_count")
+                         if r.get("class") == cls and isinstance(r.get("k"), int | float))
+            if pts:
+                ax.plot(*zip(*pts), linestyle=style, marker=".", label=title)
+        ax.set_title(CLASS_SHORT[cls], fontsize=9)
+        ax.set_xscale("log")
+    axes[0, 0].legend(fontsize=7)
+    fig.supxlabel("number of pool-5 filters k")
+    fig.supylabel("AP (%)")
+    fig.suptitle("Fig. 4: GT-box classification AP with the k most important pool-5 filters")
+    fig.tight_layout()
+    return fig
+
+
+def _conv1_tiles(path: Any) -> Any:
+    """conv1 filters of a checkpoint as one image (filters scaled to [0, 1] each)."""
+    import torch
+
+    from cnnft.checkpoint import model_state, read_checkpoint
+
+    w = model_state(read_checkpoint(path), path)["conv1.weight"].float()
+    lo = w.amin(dim=(1, 2, 3), keepdim=True)
+    hi = w.amax(dim=(1, 2, 3), keepdim=True)
+    w = (w - lo) / (hi - lo).clamp_min(1e-12)
+    n, _, kh, kw = w.shape
+    cols = int(n ** 0.5 + 0.999)
+    rows = (n + cols - 1) // cols
+    grid = torch.ones(3, rows * (kh + 1), cols * (kw + 1))
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[:, r * (kh + 1):r * (kh + 1) + kh, c * (kw + 1):c * (kw + 1) + kw] = w[i, :3]
+    return grid.permute(1, 2, 0).numpy()
+
+
+def figure5(res: Results) -> Any | None:
+    """conv1 filters at three snapshots (5K, 15K, 225K of 310K, scaled), training loss and
+    validation top-1 during pretraining."""
+    loss, top1 = res.curves.get("train/loss", []), res.curves.get("val/top1", [])
+    if not res.snapshot_files and not loss:
+        return None
+    plt = _plt()
+    fig = plt.figure(figsize=(11, 7), layout="constrained")
+    iterations = sorted(res.snapshot_files)
+    picks: list[int] = []
+    if iterations:
+        final = max(iterations)
+        for paper_it in (5_000, 15_000, 225_000):
+            target = paper_it * final / PAPER_PRETRAIN_ITERATIONS
+            best = min(iterations, key=lambda it: abs(it - target))
+            if best not in picks:
+                picks.append(best)
+    for i, it in enumerate(picks):
+        ax = fig.add_subplot(2, 3, i + 1)
+        ax.imshow(_conv1_tiles(res.snapshot_files[it]), interpolation="nearest")
+        ax.set_title(f"conv1 at iteration {it}", fontsize=9)
+        ax.axis("off")
+    ax = fig.add_subplot(2, 2, 3)
+    if loss:
+        ax.plot(*zip(*loss), lw=0.8)
+    ax.set(xlabel="iteration", ylabel="training loss", title="training loss")
+    ax = fig.add_subplot(2, 2, 4)
+    if top1:
+        ax.plot(*zip(*[(s, 100 * v) for s, v in top1]), marker=".")
+    ax.set(xlabel="iteration", ylabel="top-1 (%)", title="validation top-1 (ImageNet layout)")
+    fig.suptitle("Fig. 5: conv1 filters during pretraining; training loss and validation accuracy")
+    return fig
+
+
+FIGURES = {"figure1_filter_entropy": figure1, "figure4_unit_count": figure4, "figure5_training": figure5}
