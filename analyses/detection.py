@@ -22,6 +22,7 @@ from cnnft.analysis import Analysis, AnalysisContext, save_figure, write_table
 from cnnft.data.proposals import ProposalSettings
 from cnnft.detection.mining import MiningConfig
 from cnnft.detection.pipeline import Ablation, DetectionSettings, run_detection
+from cnnft.probing import map_metrics
 
 
 def plot_per_class(rows: Sequence[dict[str, Any]], title: str) -> Any:
@@ -90,11 +91,7 @@ class Detection(Analysis):
         rows = run_detection(model, layers=self.layers, ablations=self.ablations,
                              settings=self.settings(ctx), model_key=ctx.model_key, cache=ctx.cache,
                              output_dir=ctx.output_dir, device=ctx.device, progress=ctx.progress)
-        metrics = {}
-        for r in rows:
-            if r["class"] == "mAP":
-                ab = "" if r["ablation"] == "unroll" else f"{r['ablation']}/"
-                metrics[f"{self.name}/{r['layer']}/{ab}mAP"] = r["ap"]
+        metrics = map_metrics(self.name, rows)
         write_table(ctx, self.name, rows, summary=metrics)
         save_figure(ctx, plot_per_class(rows, self.title), self.name)
         return metrics

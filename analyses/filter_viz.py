@@ -131,14 +131,6 @@ class FilterViz(Analysis):
                  **kwargs: Any) -> None:
         super().__init__(at_snapshots=at_snapshots, **kwargs)
         self.layer, self.padding = layer, padding
-        self.history: list[dict[str, Any]] = []  # {iteration, figure: absolute path}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "history": [dict(h) for h in self.history]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.history = [dict(h) for h in state_dict.get("history", [])]
 
     def run(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, float]:
         net = getattr(model, "net", model)

@@ -95,14 +95,6 @@ class SnapshotEval(ProbeCls):
             raise ConfigError("snapshot_eval probes plain features only (ablation unroll); "
                               "remove 'ablations' from analyses.snapshot_eval")
         super().__init__(at_snapshots=at_snapshots, **kwargs)
-        self.history: list[dict[str, Any]] = []  # {iteration, layer, map}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "history": [dict(h) for h in self.history]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.history = [dict(h) for h in state_dict.get("history", [])]
 
     def run(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, float]:
         if ctx.step is None:

@@ -93,6 +93,8 @@ class Analysis(L.Callback):
         self.every_n_steps, self.at_fit_end, self.at_snapshots = every_n_steps, at_fit_end, at_snapshots
         self.runs = 0
         self.last_step: int | None = None
+        #: rows kept across runs (e.g. one per snapshot) for ``finalize``; saved with the state
+        self.history: list[dict[str, Any]] = []
         self._snapshot_steps: frozenset[int] = frozenset()
 
     def run(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, float]:
@@ -108,11 +110,12 @@ class Analysis(L.Callback):
         return f"{type(self).__name__}[{self.name}]"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"runs": self.runs, "last_step": self.last_step}
+        return {"runs": self.runs, "last_step": self.last_step, "history": [dict(h) for h in self.history]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.runs = int(state_dict.get("runs", 0))
         self.last_step = state_dict.get("last_step")
+        self.history = [dict(h) for h in state_dict.get("history", [])]
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

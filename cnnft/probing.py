@@ -129,6 +129,16 @@ def run_probes(model: nn.Module, train: ProbeSplit, test: ProbeSplit, *, layers:
     return rows
 
 
+def map_metrics(name: str, rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """``<name>/<layer>/mAP`` (plain features) and ``<name>/<layer>/<ablation>/mAP`` of AP rows."""
+    metrics = {}
+    for r in rows:
+        if r["class"] == "mAP":
+            ab = "" if r["ablation"] == "unroll" else f"{r['ablation']}/"
+            metrics[f"{name}/{r['layer']}/{ab}mAP"] = r["ap"]
+    return metrics
+
+
 def plot_map_by_layer(rows: Sequence[dict[str, Any]], title: str) -> Any:
     """Bars of mAP by layer, one colour per ablation."""
     import matplotlib
@@ -182,11 +192,7 @@ class ProbeAnalysis(Analysis):
         rows = run_probes(model, self.split(ctx, self.train_split), self.split(ctx, self.test_split),
                           layers=self.layers, ablations=self.ablations, svm=self.svm, ctx=ctx,
                           train_difficult=self.train_difficult, ap_mode=self.ap_mode)
-        metrics = {}
-        for r in rows:
-            if r["class"] == "mAP":
-                ab = "" if r["ablation"] == "unroll" else f"{r['ablation']}/"
-                metrics[f"{self.name}/{r['layer']}/{ab}mAP"] = r["ap"]
+        metrics = map_metrics(self.name, rows)
         write_table(ctx, self.name, rows, summary=metrics)
         save_figure(ctx, plot_map_by_layer(rows, self.title), self.name)
         return metrics
