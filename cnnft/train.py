@@ -109,7 +109,26 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
             log.warning("logger %s unavailable (%s); falling back to CSV", cfg.logger._target_, e)
     if not any(isinstance(lg, L.pytorch.loggers.CSVLogger) for lg in loggers):
         loggers.append(L.pytorch.loggers.CSVLogger(output_dir, name="csv", version=""))
+    for logger in loggers:
+        if isinstance(logger, L.pytorch.loggers.CSVLogger):
+            keep_csv_rows(logger)
     return loggers
+
+
+def keep_csv_rows(logger: L.pytorch.loggers.CSVLogger) -> None:
+    """Resuming into a run keeps the rows its ``metrics.csv`` already holds: Lightning's writer
+    deletes the file when it starts, so the rows are put back (and their header adopted) right
+    after; new rows append."""
+    import csv
+
+    from lightning.pytorch.utilities import rank_zero_only
+
+    previous = Path(logger.log_dir) / "metrics.csv"
+    if rank_zero_only.rank == 0 and previous.is_file():
+        text = previous.read_text()
+        writer = logger.experiment  # Lightning's writer starts here and deletes the file
+        previous.write_text(text)
+        writer.metrics_keys = next(csv.reader(text.splitlines()[:1]), [])
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,9 @@ def test_kill_and_resume_is_bit_identical(tiny_cfg, tmp_path: Path) -> None:
         train(cfg)
     assert read_checkpoint(crashed / "checkpoints" / "last.ckpt")["global_step"] == 3
     train(tiny_cfg(*common, "resume=true", output_dir=crashed))
+    with (crashed / "csv" / "metrics.csv").open() as f:  # the rows before the crash are kept
+        steps = {int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")}
+    assert {0, 1, 2, 3, 4, 5} <= steps
 
     a, b = _weights(full / "checkpoints/last.ckpt"), _weights(crashed / "checkpoints/last.ckpt")
     assert a.keys() == b.keys()
