@@ -20,7 +20,6 @@ the number of units are dropped and the number of units is always included.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cnnft.analysis import Analysis, AnalysisContext, save_figure, write_table
+from cnnft.analysis import Analysis, AnalysisContext, class_panels, save_figure, write_table
 from cnnft.data.voc import VOC_CLASSES
 from cnnft.errors import ConfigError
 from cnnft.metrics import average_precision
@@ -93,25 +92,13 @@ def units_needed(ks: Sequence[int], ap: np.ndarray, fractions: Sequence[float] =
 
 def plot_ap_curves(ks: Sequence[int], ap: np.ndarray, classes: Sequence[str]) -> Any:
     """Fig. 4: AP against the number of units, one panel per class, with the 50%/90% levels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = 5
-    rows = math.ceil(len(classes) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.3 * rows), squeeze=False, sharex=True)
-    for c, (ax, name) in enumerate(zip(axes.flat, classes, strict=False)):
+    fig, panels = class_panels(classes, xlabel="number of units (top |w| of the class's SVM)",
+                               ylabel="AP (%)", height=2.3, sharex=True)
+    for c, ax in enumerate(panels):
         ax.plot(ks, 100 * ap[c], "o-", ms=3)
         for f in (0.5, 0.9):
             ax.axhline(100 * f * ap[c, -1], color="gray", lw=0.6, ls="--")
         ax.set_xscale("log")
-        ax.set_title(name, fontsize=9)
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(classes):]:
-        ax.axis("off")
-    fig.supxlabel("number of units (top |w| of the class's SVM)")
-    fig.supylabel("AP (%)")
     fig.tight_layout()
     return fig
 

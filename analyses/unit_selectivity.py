@@ -21,7 +21,6 @@ left out.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -30,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from analyses.filter_entropy import MODES, _rank_counts, _value_counts
-from cnnft.analysis import Analysis, AnalysisContext, save_figure, write_table
+from cnnft.analysis import Analysis, AnalysisContext, class_panels, save_figure, write_table
 from cnnft.data.voc import VOC_CLASSES
 from cnnft.errors import ConfigError, DataError
 
@@ -119,30 +118,18 @@ def plot_top_units(hits: Tensor, kept: Tensor, class_counts: Tensor, rows: list[
                    classes: list[str], per_class: int = 3) -> Any:
     """Precision against recall (the class's samples above the threshold) of each class's top
     units, one panel per class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = 5
-    nrows = math.ceil(len(classes) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3 * cols, 2.4 * nrows), squeeze=False, sharey=True)
-    for c, (ax, name) in enumerate(zip(axes.flat, classes, strict=False)):
+    fig, panels = class_panels(classes, xlabel="fraction of the class's samples above the threshold",
+                               ylabel="P(class | activation > threshold)", sharey=True)
+    for c, ax in enumerate(panels):
         for r in [r for r in rows if r["class"] == c][:per_class]:
             u = r["unit"]
             recall = hits[u, :, c].double() / max(int(class_counts[c]), 1)
             precision = hits[u, :, c].double() / kept[u].double().clamp_min(1)
             ax.plot(recall.numpy(), precision.numpy(), label=f"unit {u}")
-        ax.set_title(name, fontsize=9)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
-        ax.tick_params(labelsize=7)
         if ax.lines:
             ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(classes):]:
-        ax.axis("off")
-    fig.supxlabel("fraction of the class's samples above the threshold")
-    fig.supylabel("P(class | activation > threshold)")
     fig.tight_layout()
     return fig
 

@@ -187,6 +187,29 @@ def write_table(ctx: AnalysisContext, name: str, rows: Sequence[dict[str, Any]],
     return path
 
 
+def class_panels(classes: Sequence[str], *, xlabel: str, ylabel: str, cols: int = 5,
+                 height: float = 2.4, **subplots: Any) -> tuple[Any, list[Any]]:
+    """A figure with one small titled panel per class (spare panels hidden) and shared axis
+    labels; returns the figure and the class panels, in class order. Call ``tight_layout`` after
+    drawing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = -(-len(classes) // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(3 * cols, height * rows), squeeze=False, **subplots)
+    panels = list(grid.flat)
+    for ax, name in zip(panels, classes, strict=False):
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in panels[len(classes):]:
+        ax.axis("off")
+    fig.supxlabel(xlabel)
+    fig.supylabel(ylabel)
+    return fig, panels[:len(classes)]
+
+
 def save_figure(ctx: AnalysisContext, fig: Any, name: str) -> Path:
     """Write a matplotlib figure to ``figures/<name>.png`` (atomically) and to W&B."""
     import matplotlib.pyplot as plt
