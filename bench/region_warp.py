@@ -40,10 +40,17 @@ def make_inputs(n: int, width: int, height: int, seed: int) -> tuple[np.ndarray,
     return image, boxes
 
 
-def batched(image: np.ndarray, boxes: np.ndarray, crop: int, pad: int, chunk: int) -> torch.Tensor:
-    x = subtract_mean(to_tensor(image), IMAGENET_MEAN_RGB)
-    b = torch.from_numpy(boxes)
-    return torch.cat([warp_boxes(x, b[s:s + chunk], crop=crop, pad=pad) for s in range(0, len(b), chunk)])
+def batched(image: np.ndarray, boxes: np.ndarray, crop: int, pad: int, chunk: int,
+            device: torch.device | str = "cpu") -> torch.Tensor:
+    """All windows of one image; on a GPU the decoded uint8 image and the boxes are copied
+    there first (counted) and the windows stay there, as the region-feature pass uses them."""
+    x = subtract_mean(to_tensor(image).to(device), IMAGENET_MEAN_RGB)
+    b = torch.from_numpy(boxes).to(device)
+    out = torch.cat([warp_boxes(x, b[s:s + chunk], crop=crop, pad=pad)
+                     for s in range(0, len(b), chunk)])
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)
+    return out
 
 
 def per_box(image: np.ndarray, boxes: np.ndarray, crop: int, pad: int) -> torch.Tensor:
@@ -61,20 +68,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                         help="torch intra-op threads for the batched variant (OpenCV uses 1)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the batched variant runs (cpu, cuda); per-box is always CPU")
     args = parser.parse_args()
+    device = torch.device(args.device)
     cv2.setNumThreads(1)
     image, boxes = make_inputs(args.boxes, 500, 375, seed=0)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"OpenCV {cv2.__version__}; load average {os.getloadavg()[0]:.2f}")
+          f"OpenCV {cv2.__version__}; load average {os.getloadavg()[0]:.2f}; batched on {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     print(f"{args.boxes} boxes, 500x375 image, crop {args.crop}, pad {args.pad}")
     ref = per_box(image, boxes, args.crop, args.pad)
     for threads in args.threads:
         torch.set_num_threads(threads)
-        got = batched(image, boxes, args.crop, args.pad, args.chunk)
+        got = batched(image, boxes, args.crop, args.pad, args.chunk, device).cpu()
         diff = float((got - ref).abs().mean() / 255)
         times: dict[str, list[float]] = {"batched": [], "per_box": []}
         for _ in range(args.repeats):
-            for name, fn in (("batched", lambda: batched(image, boxes, args.crop, args.pad, args.chunk)),
+            for name, fn in (("batched", lambda: batched(image, boxes, args.crop, args.pad, args.chunk,
+                                                         device)),
                              ("per_box", lambda: per_box(image, boxes, args.crop, args.pad))):
                 t0 = time.perf_counter()
                 fn()

@@ -70,6 +70,12 @@ OPTIM: dict[str, Any] = {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0005, "l
 PIXEL_STD = 60.0
 
 
+def sync(device: str | torch.device) -> None:
+    """Wait for a GPU's queued kernels, so that a clock read after this counts them."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A network and the default lengths of its benchmark runs."""
@@ -82,6 +88,7 @@ class ModelSpec:
     warmup: int
     steps: int
     repeats: int
+    device: str = "cpu"
 
     @property
     def net_kwargs(self) -> dict[str, Any]:
@@ -129,6 +136,9 @@ def make_batches(spec: ModelSpec, count: int, distinct: int = 4, seed: int = 0) 
     pool = [{"images": torch.randn(shape, generator=gen) * PIXEL_STD,
              "labels": torch.randint(0, spec.num_classes, (spec.batch_size,), generator=gen),
              "skipped": torch.tensor(0)} for _ in range(min(distinct, count))]
+    # images and labels wait on the device; the skipped count stays on the host, as it comes
+    # from the loader (CaffeNetModule reads it there, before Lightning's batch transfer)
+    pool = [{k: v if k == "skipped" else v.to(spec.device) for k, v in batch.items()} for batch in pool]
     return [pool[i % len(pool)] for i in range(count)]
 
 
@@ -164,7 +174,8 @@ class PlainTrainer:
                  lrn: bool = True) -> None:
         torch.manual_seed(0)
         self.channels_last = channels_last
-        self.net = CaffeNet(spec.num_classes, **spec.net_kwargs).train()
+        self.spec = spec
+        self.net = CaffeNet(spec.num_classes, **spec.net_kwargs).train().to(spec.device)
         if not lrn:
             self.net.norm1, self.net.norm2 = nn.Identity(), nn.Identity()
         if channels_last:
@@ -183,6 +194,7 @@ class PlainTrainer:
         F.cross_entropy(self.net(images), batch["labels"]).backward()
         self.opt.step()
         self.sched.step()
+        sync(self.spec.device)
 
 
 PLAIN_VARIANTS: dict[str, dict[str, bool]] = {
@@ -216,6 +228,7 @@ class Interleave(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Batch, batch_idx: int) -> None:
+        sync(pl_module.device)
         now = time.perf_counter()
         self.seconds["lightning"].append(now - self._resumed if self._resumed else float("nan"))
         names = list(self.plain)
@@ -230,7 +243,8 @@ def fit_lightning(spec: ModelSpec, batches: Sequence[Batch], callback: L.Callbac
     """``Trainer.fit(CaffeNetModule)`` over a DataLoader of ``batches`` with ``callback``."""
     torch.manual_seed(0)
     module = CaffeNetModule(spec.num_classes, net=spec.net_kwargs, optim=OPTIM, channels_last=True)
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=len(batches),
+    accelerator = "gpu" if spec.device.startswith("cuda") else "cpu"
+    trainer = L.Trainer(accelerator=accelerator, devices=1, precision="32-true", max_steps=len(batches),
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[callback], limit_val_batches=0,
                         num_sanity_val_steps=0, use_distributed_sampler=False)
@@ -254,6 +268,7 @@ class StepClock(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
+        sync(pl_module.device)
         self.stamps.append(time.perf_counter())
 
 
@@ -304,15 +319,17 @@ def training_flops_per_image(spec: ModelSpec) -> tuple[int, int]:
     return forward, 3 * forward - first
 
 
-def matmul_gflops(n: int = 2048, reps: int = 5, calls: int = 5) -> float:
+def matmul_gflops(n: int = 2048, reps: int = 5, calls: int = 5, device: str = "cpu") -> float:
     """Median fp32 ``torch.mm`` GFLOP/s on ``n x n`` matrices (``calls`` mm per sample)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.mm(a, b)
     rates = []
     for _ in range(reps):
+        sync(device)
         start = time.perf_counter()
         for _ in range(calls):
             torch.mm(a, b)
+        sync(device)
         rates.append(2 * n**3 * calls / (time.perf_counter() - start) / 1e9)
     return statistics.median(rates)
 
@@ -389,6 +406,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="runs per variant, medians reported (default: "
                    "demo 3, caffenet 2)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (timed steps wait for the GPU)")
     p.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.set_flush_denormal, as conf/train.yaml's flush_denormal (default on)")
     p.add_argument("--no-lightning", action="store_true", help="plain loops only")
@@ -416,7 +434,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     quiet_lightning()
     names = list(MODELS) if args.model == "both" else [args.model]
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("steps", args.steps),
-                                   ("warmup", args.warmup), ("repeats", args.repeats))
+                                   ("warmup", args.warmup), ("repeats", args.repeats),
+                                   ("device", args.device))
                  if v is not None}
     variants = ["plain", "plain-nchw", *([] if args.no_lightning else ["lightning"]),
                 *(["plain-fused", "plain-nolrn"] if args.diagnostics else [])]
@@ -424,8 +443,12 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"threads, {os.cpu_count()} CPUs, flush_denormal {args.flush_denormal}, load average "
           f"{os.getloadavg()[0]:.2f}")
     load = ForeignLoad()
-    peak = matmul_gflops()
-    print(f"fp32 torch.mm 2048x2048: {peak:.1f} GFLOP/s (median of 5; other processes used "
+    n = 8192 if args.device.startswith("cuda") else 2048  # a GPU needs a bigger product
+    peak = matmul_gflops(n, device=args.device)
+    if args.device.startswith("cuda"):
+        print(f"device {torch.cuda.get_device_name()}, TF32 matmul "
+              f"{torch.backends.cuda.matmul.allow_tf32}, cuDNN TF32 {torch.backends.cudnn.allow_tf32}")
+    print(f"fp32 torch.mm {n}x{n}: {peak:.1f} GFLOP/s (median of 5; other processes used "
           f"{load.share():.0%} of the CPU meanwhile)")
     for name in names:
         spec = replace(MODELS[name], **overrides)

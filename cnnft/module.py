@@ -68,6 +68,7 @@ class CaffeNetModule(L.LightningModule):
         self.val_top5 = (MulticlassAccuracy(num_classes, top_k=5, average="micro")
                          if num_classes >= 5 else None)
         self.register_buffer("skipped", torch.zeros((), dtype=torch.long), persistent=True)
+        self._skipped = 0  # the buffer's value on the host: reading the buffer would sync a GPU
 
     def train(self, mode: bool = True) -> CaffeNetModule:
         """Frozen layers stay in eval mode whatever Lightning asks."""
@@ -86,10 +87,19 @@ class CaffeNetModule(L.LightningModule):
         seed = rng_for(self.seed, 3, self.global_step, self.global_rank).integers(2**62)
         torch.manual_seed(int(seed))
 
+    def on_train_start(self) -> None:
+        self._skipped = int(self.skipped)  # restored from the checkpoint on a resume
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # count skipped images while the count is still on the host (no GPU sync per step)
+        if self.trainer.training and isinstance(batch, dict) and "skipped" in batch:
+            self._skipped += int(batch["skipped"])
+        return batch
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        self.skipped += batch["skipped"].to(self.skipped.device)
-        if self.skipped > 0:
-            self.log("train/skipped", self.skipped.float(), reduce_fx="max")
+        if self._skipped:
+            self.skipped.fill_(self._skipped)
+            self.log("train/skipped", float(self._skipped), reduce_fx="max")
         if batch["images"].numel() == 0:
             return None
         loss = F.cross_entropy(self(batch["images"]), batch["labels"])

@@ -217,7 +217,8 @@ class Pipeline:
 
     # ------------------------------------------------------------ training
     def train_overrides(self, stage: str, pretrained: str | None) -> list[str]:
-        own = [*TRAIN_STAGES[stage], "resume=auto", *([f"pretrained={pretrained}"] if pretrained else [])]
+        own = [*TRAIN_STAGES[stage], "resume=auto", f"run_name={stage}",
+               *([f"pretrained={pretrained}"] if pretrained else [])]
         extra = [*self.overrides, *self.cfg.train_overrides]
         return [*forward(extra, "train", own), *own]
 
@@ -305,7 +306,8 @@ class Pipeline:
             if spec != "random" and not Path(spec).is_file():
                 raise ConfigError(f"checkpoint {spec} for {label} does not exist (its training stage "
                                   "has not finished)")
-            own = [f"checkpoint={spec}", f"analyses=[{analysis}]", *extra]
+            own = [f"checkpoint={spec}", f"analyses=[{analysis}]", f"run_name={label.replace('/', '-')}",
+                   *extra]
             overrides = [*forward([*self.overrides, *self.cfg.analyze_overrides], "analyze", own), *own]
             began = time.perf_counter()
             with job_config("analyze", overrides, network_dir) as cfg:

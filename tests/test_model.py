@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from cnnft.errors import ConfigError
-from cnnft.models.caffenet import PARAM_LAYERS, PROBE_LAYERS, CaffeNet, pool5_size
+from cnnft.models.caffenet import PARAM_LAYERS, PROBE_LAYERS, CaffeNet, CrossChannelLRN, pool5_size
 
 ORDER = [
     "conv1", "relu1", "pool1", "norm1",
@@ -200,7 +200,7 @@ def _caffe_lrn(a: torch.Tensor, size: int = 5, alpha: float = 1e-4, beta: float 
 def test_lrn_matches_caffe_formula(small: CaffeNet) -> None:
     for name in ("norm1", "norm2"):
         lrn = getattr(small, name)
-        assert isinstance(lrn, nn.LocalResponseNorm)
+        assert isinstance(lrn, CrossChannelLRN)
         assert (lrn.size, lrn.alpha, lrn.beta, lrn.k) == (5, 1e-4, 0.75, 1.0)
     torch.manual_seed(5)
     # large activations so that the normalisation actually changes the values
@@ -227,3 +227,19 @@ def test_narrow_net_init_gain_keeps_full_width_scale() -> None:
     assert abs(narrow.conv3.weight.std().item() / 0.02 - 1) < 0.05
     assert abs(narrow.fc6.weight.std().item() / 0.01 - 1) < 0.05
     assert CaffeNet(10, width=1.0, input_size=67).init_gain == 1.0
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lrn_matches_torch_local_response_norm(channels_last: bool) -> None:
+    """CrossChannelLRN (deterministic on CUDA) computes nn.LocalResponseNorm, gradients too."""
+    x = torch.randn(4, 24, 9, 9, generator=torch.Generator().manual_seed(0)) * 30
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a, b = CrossChannelLRN(5, 1e-4, 0.75, 1.0)(ours), nn.LocalResponseNorm(5, 1e-4, 0.75, 1.0)(ref)
+    grad = torch.randn_like(a)
+    a.backward(grad)
+    b.backward(grad)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-6, atol=1e-6)
+    assert float((a - x).abs().max()) > 1.0  # the normalisation does something at this scale

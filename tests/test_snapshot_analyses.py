@@ -172,7 +172,8 @@ def test_analyze_snapshots_matches_training(resumed_run: Path, data_dir: Path, t
     during, after = (
         {(r["layer"], r["iteration"]): r["map"] for r in _rows(run / "results" / "snapshot_eval.json")}
         for run in (resumed_run, tmp_path))
-    assert after == pytest.approx(during, abs=1e-6)  # same weights, same probe
+    # same weights, same probe; on a GPU, cuDNN's TF32 convolutions differ by batch size (~1e-3)
+    assert after == pytest.approx(during, abs=0.01 if torch.cuda.is_available() else 1e-6)
     figures = _rows(tmp_path / "results" / "filter_viz.json")
     assert [r["figure"] for r in figures] == [
         f"iter_{i:07d}/figures/filter_viz_iter_{i:07d}.png" for i in (2, 4, 6)]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
@@ -188,8 +189,13 @@ def test_every_config_composes() -> None:
                      ["scale=paper", "data.imagenet_root=/x", "data.voc_root=/y"],
                      ["experiment=fifty_fifty"], ["trainer=ddp"], ["debug=fast"],
                      ["logger=tensorboard"], ["freeze=upto_conv3"]):
-            cfg = compose("train", overrides=over)
+            cfg = compose("train", overrides=over, return_hydra_config=True)
             assert cfg.datamodule._target_.startswith("cnnft.data")
+            HydraConfig.instance().set_config(cfg)
+            OmegaConf.resolve(cfg.logger)  # every key the logger names exists (W&B's run name)
+        cfg = compose("analyze", overrides=["logger=wandb"], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        assert OmegaConf.to_container(cfg.logger, resolve=True)["offline"] is True
         cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp"],
                       return_hydra_config=True)
         assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")

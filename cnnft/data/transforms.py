@@ -25,7 +25,7 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 def subtract_mean(image: torch.Tensor, mean: Sequence[float]) -> torch.Tensor:
     """uint8/float ``3xHxW`` -> float32 with the per-channel ``mean`` subtracted."""
-    return image.float() - torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    return image.float() - torch.tensor(mean, dtype=torch.float32, device=image.device).view(3, 1, 1)
 
 
 def caffe_train_view(image: np.ndarray, rng: np.random.Generator, *, resize: int, crop: int,

@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cnnft.errors import ConfigError
@@ -46,6 +47,31 @@ def pool5_size(input_size: int) -> int:
     return _pool_out(s)  # conv3-5 keep it, pool5
 
 
+class CrossChannelLRN(nn.Module):
+    """Caffe's across-channel LRN: ``x / (k + alpha/size * sum of x^2 over size channels)^beta``.
+
+    The same function as ``nn.LocalResponseNorm`` (window placement and padding included), with
+    the channel-window sum written as ``size`` shifted adds instead of ``avg_pool3d``, whose CUDA
+    backward has no deterministic implementation (so ``trainer.deterministic=true`` works on a
+    GPU). It has no parameters: checkpoints are unchanged.
+    """
+
+    def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> None:
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+
+    def extra_repr(self) -> str:
+        return f"{self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        sq = F.pad(x.square(), (0, 0, 0, 0, self.size // 2, (self.size - 1) // 2))
+        window = sq[:, 0:channels]
+        for i in range(1, self.size):
+            window = window + sq[:, i:i + channels]
+        return x / (window * (self.alpha / self.size) + self.k).pow(self.beta)
+
+
 class CaffeNet(nn.Sequential):
     """CaffeNet as an ``nn.Sequential`` of named sub-layers; ``model.conv1``, ``model.pool5``...
 
@@ -70,9 +96,9 @@ class CaffeNet(nn.Sequential):
                               "expected at least 39")
         layers: OrderedDict[str, nn.Module] = OrderedDict(
             conv1=nn.Conv2d(3, c[0], 11, stride=4), relu1=nn.ReLU(inplace=True),
-            pool1=nn.MaxPool2d(3, 2, ceil_mode=True), norm1=nn.LocalResponseNorm(5, 1e-4, 0.75, 1.0),
+            pool1=nn.MaxPool2d(3, 2, ceil_mode=True), norm1=CrossChannelLRN(5, 1e-4, 0.75, 1.0),
             conv2=nn.Conv2d(c[0], c[1], 5, padding=2, groups=2), relu2=nn.ReLU(inplace=True),
-            pool2=nn.MaxPool2d(3, 2, ceil_mode=True), norm2=nn.LocalResponseNorm(5, 1e-4, 0.75, 1.0),
+            pool2=nn.MaxPool2d(3, 2, ceil_mode=True), norm2=CrossChannelLRN(5, 1e-4, 0.75, 1.0),
             conv3=nn.Conv2d(c[1], c[2], 3, padding=1), relu3=nn.ReLU(inplace=True),
             conv4=nn.Conv2d(c[2], c[3], 3, padding=1, groups=2), relu4=nn.ReLU(inplace=True),
             conv5=nn.Conv2d(c[3], c[4], 3, padding=1, groups=2), relu5=nn.ReLU(inplace=True),
