@@ -266,10 +266,12 @@ def _augment(x: Tensor, bias: float) -> Tensor:
 
 
 def _solve_grid(F: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: Sequence[float],
-                cfg: SVMConfig, stats: dict | None = None, columns: Tensor | None = None) -> Tensor:
+                cfg: SVMConfig, stats: dict | None = None, columns: Tensor | None = None,
+                init: Tensor | None = None) -> Tensor:
     """All problems (C, class, row mask): ``y`` [N, n] bool, ``weight`` [N, n] class weights (0 =
     ignored), ``masks`` [N, m] rows seen by each mask, ``columns`` [n, P] (optional) the feature
-    columns each class may use. Returns W [len(c_values), n, m, P]."""
+    columns each class may use, ``init`` [n, P] (optional) each class's starting point.
+    Returns W [len(c_values), n, m, P]."""
     N, P = F.shape
     n, m = y.shape[1], masks.shape[1]
     pairs = [(cls, j) for cls in range(n) for j in range(m)]
@@ -283,7 +285,7 @@ def _solve_grid(F: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: S
         chunk = pairs[start:start + per_chunk]
         cls = torch.tensor([p[0] for p in chunk], device=F.device)
         msk = torch.tensor([p[1] for p in chunk], device=F.device)
-        prev = None
+        prev = None if init is None else init[cls].to(F.dtype).repeat(len(stages[0]), 1)
         for stage in stages:
             c = torch.tensor([c_values[i] for i in stage], dtype=F.dtype, device=F.device)
             T = ypm[:, cls].repeat(1, len(stage))
@@ -418,8 +420,9 @@ def _sk_grid(x: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: Sequ
 
 
 def _grid(x: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: Sequence[float], cfg: SVMConfig,
-          stats: dict | None = None, columns: Tensor | None = None) -> Tensor:
-    """``columns``: [n, D] bool feature columns per class (None: all); the bias is always used."""
+          stats: dict | None = None, columns: Tensor | None = None, init: Tensor | None = None) -> Tensor:
+    """``columns``: [n, D] bool feature columns per class (None: all); the bias is always used.
+    ``init``: [n, D + 1] starting weights (bias column last) for the torch solver."""
     if columns is not None:
         columns = torch.cat([columns, torch.ones(columns.shape[0], 1, dtype=torch.bool,
                                                  device=columns.device)], 1)
@@ -427,7 +430,7 @@ def _grid(x: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: Sequenc
         return _sk_grid(x, y, weight, masks, c_values, cfg, columns)
     F = _augment(x, cfg.bias)
     with _threads_for(F):
-        return _solve_grid(F, y, weight, masks, c_values, cfg, stats, columns)
+        return _solve_grid(F, y, weight, masks, c_values, cfg, stats, columns, init)
 
 
 def _split(W: Tensor, bias: float) -> tuple[Tensor, Tensor]:
@@ -439,13 +442,16 @@ def _split(W: Tensor, bias: float) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def train_svms(x: Tensor, y: Tensor, c: float | Tensor, *, cfg: SVMConfig, ignore: Tensor | None = None,
-               feature_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+               feature_mask: Tensor | None = None, init: tuple[Tensor, Tensor] | None = None
+               ) -> tuple[Tensor, Tensor]:
     """One-vs-rest SVMs on all rows of ``x`` [N, D] (used as given, not normalised) for labels
     ``y`` [N, n] (bool or 0/1), with ``c`` one C for all classes or ``[n]`` per class; ``ignore``
     [N, n] marks rows a class must not see; ``feature_mask`` [n, D] (bool) the feature columns
     each class may use (its SVM is the one trained on those columns alone; the others get weight
     0). The columns of ``y`` need not be distinct classes: one label column per (class, subset)
-    trains many subsets at once. Returns ``W`` [n, D] and ``b`` [n]."""
+    trains many subsets at once. ``init`` ``(W [n, D], b [n])``: where the torch solver starts
+    (a warm start, e.g. the previous round's detectors in hard-negative mining; the solution is
+    the same to the solver's tolerance). Returns ``W`` [n, D] and ``b`` [n]."""
     x, y, weight = _inputs(x, y, ignore, cfg)
     n = y.shape[1]
     c = torch.as_tensor(c, dtype=torch.float64).flatten().cpu()
@@ -457,12 +463,20 @@ def train_svms(x: Tensor, y: Tensor, c: float | Tensor, *, cfg: SVMConfig, ignor
         if feature_mask.shape != (n, x.shape[1]):
             raise ValueError(f"feature_mask has shape {tuple(feature_mask.shape)}, "
                              f"expected {(n, x.shape[1])}")
+    start = None
+    if init is not None:
+        W0, b0 = (torch.as_tensor(t, device=x.device, dtype=x.dtype) for t in init)
+        if W0.shape != (n, x.shape[1]) or b0.shape != (n,):
+            raise ValueError(f"init has shapes {tuple(W0.shape)}, {tuple(b0.shape)}; expected "
+                             f"{(n, x.shape[1])}, {(n,)}")
+        start = torch.cat([W0, b0[:, None] / cfg.bias], 1)  # the bias feature's weight
     full = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
     W = torch.zeros(n, x.shape[1] + 1, dtype=x.dtype, device=x.device)
     for value in sorted(set(c.tolist())):  # each class solved at its own C only
         cols = torch.nonzero(c == value).squeeze(1).to(x.device)
         sub = None if feature_mask is None else feature_mask[cols]
-        W[cols] = _grid(x, y[:, cols], weight[:, cols], full, [value], cfg, columns=sub)[0, :, 0]
+        W[cols] = _grid(x, y[:, cols], weight[:, cols], full, [value], cfg, columns=sub,
+                        init=None if start is None else start[cols])[0, :, 0]
     return _split(W, cfg.bias)
 
 

@@ -162,9 +162,10 @@ def test_top_k_then_nms_per_class() -> None:
 # ----------------------------------------------------------------------------- mining
 
 
-def test_hard_negative_mining_keeps_hard_and_evicts_easy() -> None:
+@pytest.mark.parametrize("warm_start", [True, False])
+def test_hard_negative_mining_keeps_hard_and_evicts_easy(warm_start: bool) -> None:
     """1-D features: positives near +2; each image has easy negatives near -4 and hard ones like
-    the positives."""
+    the positives. Retraining from the previous detectors or from zero mines the same windows."""
     g = torch.Generator().manual_seed(0)
     pos = 2 + 0.2 * torch.randn(20, 1, generator=g)
     images, kinds = [], []
@@ -175,7 +176,7 @@ def test_hard_negative_mining_keeps_hard_and_evicts_easy() -> None:
                        torch.cat([torch.ones(35, 1, dtype=torch.bool), torch.zeros(1, 1, dtype=torch.bool)])))
         kinds.append(["easy"] * 30 + ["hard"] * 5 + ["positive"])
     features = [(torch.cat([x, torch.ones_like(x)], 1), m) for x, m in images]  # bias-like 2nd dim
-    cfg = MiningConfig(c=1.0, bias=1.0, retrain_limit=20)
+    cfg = MiningConfig(c=1.0, bias=1.0, retrain_limit=20, warm_start=warm_start)
     stats = MiningStats()
     det = mine_detectors(torch.cat([pos, torch.ones_like(pos)], 1), torch.ones(20, 1, dtype=torch.bool),
                          iter(features), scale=1.0, cfg=cfg, stats=stats)

@@ -284,3 +284,18 @@ def test_fold_cv_ap_matches_a_direct_computation() -> None:
         W, b = train_svms(x[fold != f], y[fold != f], 0.5, cfg=cfg)
         aps.append(average_precision((x[fold == f] @ W.T + b)[:, 0], y[fold == f]))
     assert cv[0, 0].item() == pytest.approx(np.mean(aps), abs=1e-12)
+
+
+def test_warm_start_reaches_the_same_solution() -> None:
+    """``init`` only moves the starting point: from a perturbed solution or from the cold solution
+    itself, the solver ends at the cold solution (to its tolerance); bad shapes are refused."""
+    x, y = clusters(300, 40, 4, sep=1.5, seed=3)
+    cfg = SVMConfig(c_grid=(0.1,), folds=1, bias=10.0, tol=1e-8, dtype="float64", normalize="none")
+    W, b = train_svms(x, y, 0.1, cfg=cfg)
+    g = torch.Generator().manual_seed(0)
+    for init in ((W + 0.05 * torch.randn(W.shape, generator=g, dtype=W.dtype), b - 0.3), (W, b)):
+        W2, b2 = train_svms(x, y, 0.1, cfg=cfg, init=init)
+        torch.testing.assert_close(W2, W, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b2, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"init has shapes \(4, 39\), \(4,\); expected \(4, 40\)"):
+        train_svms(x, y, 0.1, cfg=cfg, init=(W[:, 1:], b))
