@@ -89,7 +89,7 @@ class Detection(Analysis):
 
     def run(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, float]:
         rows = run_detection(model, layers=self.layers, ablations=self.ablations,
-                             settings=self.settings(ctx), model_key=ctx.model_key, cache=ctx.cache,
+                             settings=self.settings(ctx), cache=ctx.cache,
                              output_dir=ctx.output_dir, device=ctx.device, progress=ctx.progress)
         metrics = map_metrics(self.name, rows)
         write_table(ctx, self.name, rows, summary=metrics)

@@ -37,19 +37,18 @@ from cnnft.detection.pipeline import (
     positive_labels,
 )
 from cnnft.detection.regions import layer_transform, split_regions
-from cnnft.features import FeatureCache, file_digest, model_digest
+from cnnft.features import FeatureCache
 from cnnft.models.caffenet import CaffeNet
 
 
-def network(checkpoint: str | None) -> tuple[CaffeNet, str]:
+def network(checkpoint: str | None) -> CaffeNet:
     if checkpoint is None:
         torch.manual_seed(0)
-        net = CaffeNet(21, width=0.25, input_size=163)
-        return net, "random:" + model_digest(net)
+        return CaffeNet(21, width=0.25, input_size=163)
     arch = read_checkpoint(checkpoint)["cnnft"]["arch"]
     net = CaffeNet(arch["num_classes"], width=arch["width"], input_size=arch["input_size"])
     load_pretrained(net, checkpoint, skip=())
-    return net, file_digest(checkpoint)
+    return net
 
 
 def main() -> None:
@@ -64,7 +63,7 @@ def main() -> None:
     parser.add_argument("--no-cold", action="store_true",
                         help="skip the baseline that retrains from zero each time")
     args = parser.parse_args()
-    net, key = network(args.checkpoint)
+    net = network(args.checkpoint)
     net.eval()
     s = DetectionSettings(voc_root=Path(args.voc_root), crop=163, pad=11, mean=(122.68, 116.67, 104.01),
                           proposal_cache=Path(args.cache_dir) / "proposals",
@@ -73,7 +72,7 @@ def main() -> None:
     images = load_voc(s.voc_root, "trainval")
     regions = split_regions(images, "trainval", cache_dir=s.proposal_cache, settings=s.proposals,
                             max_proposals=s.max_proposals, include_gt=True)
-    store = build_store(net, regions, s, model_key=key, cache=FeatureCache(Path(args.cache_dir) / "features"),
+    store = build_store(net, regions, s, cache=FeatureCache(Path(args.cache_dir) / "features"),
                         device="cpu", progress=True)
     feats = layer_transform(net, args.layer)
     x = [feats(p5) for _, p5 in store.images()]

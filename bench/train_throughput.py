@@ -59,7 +59,7 @@ from cnnft.models.caffenet import CaffeNet
 from cnnft.module import CaffeNetModule
 from cnnft.optim import caffe_sgd, param_groups
 
-Batch = dict[str, torch.Tensor]
+Batch = dict[str, Any]
 
 #: conf/stage/pretrain.yaml's solver (lr_step only matters for the schedule, not the speed).
 OPTIM: dict[str, Any] = {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0005, "lr_step": 200,
@@ -135,10 +135,8 @@ def make_batches(spec: ModelSpec, count: int, distinct: int = 4, seed: int = 0) 
     shape = (spec.batch_size, 3, spec.input_size, spec.input_size)
     pool = [{"images": torch.randn(shape, generator=gen) * PIXEL_STD,
              "labels": torch.randint(0, spec.num_classes, (spec.batch_size,), generator=gen),
-             "skipped": torch.tensor(0)} for _ in range(min(distinct, count))]
-    # images and labels wait on the device; the skipped count stays on the host, as it comes
-    # from the loader (CaffeNetModule reads it there, before Lightning's batch transfer)
-    pool = [{k: v if k == "skipped" else v.to(spec.device) for k, v in batch.items()} for batch in pool]
+             "skipped": 0} for _ in range(min(distinct, count))]
+    pool = [{k: v.to(spec.device) if torch.is_tensor(v) else v for k, v in batch.items()} for batch in pool]
     return [pool[i % len(pool)] for i in range(count)]
 
 

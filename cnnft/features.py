@@ -117,6 +117,22 @@ def file_digest(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def layer_digests(model: nn.Module) -> dict[str, str]:
+    """For each sub-layer of a sequential net, a SHA-256 of that layer and every layer before it
+    (their definitions, parameters and buffers). A layer's features (in eval mode) depend on
+    these alone, so networks that share their first layers, e.g. fine-tuned with conv1-5 frozen,
+    share the cached features of those layers."""
+    h = hashlib.sha256()
+    out = {}
+    for name, module in getattr(model, "net", model).named_children():
+        h.update(f"{name}={module!r}".encode())
+        for key, tensor in sorted(module.state_dict().items()):
+            h.update(key.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        out[name] = h.hexdigest()  # of everything so far; h goes on
+    return out
+
+
 def model_digest(model: nn.Module) -> str:
     """SHA-256 of a model's parameters and buffers (for networks without a checkpoint file)."""
     h = hashlib.sha256()
@@ -198,9 +214,11 @@ def extract_cached(model: nn.Module, loader: DataLoader, layers: Sequence[str], 
                    cache: FeatureCache | None, key_parts: Mapping[str, Any],
                    progress: bool = False, desc: str = "features") -> dict[str, torch.Tensor]:
     """``extract`` with a cache: layers found in ``cache`` are loaded, the rest are computed in
-    one pass and stored. ``key_parts`` describes model, data and transform (not the layer)."""
+    one pass and stored. ``key_parts`` describes data and transform; each layer's key adds the
+    digest of the weights up to that layer (``layer_digests``) as its ``model`` part."""
     found: dict[str, torch.Tensor] = {}
-    keys = {name: FeatureCache.key(layer=name, **key_parts) for name in layers}
+    digests = layer_digests(model)
+    keys = {name: FeatureCache.key(layer=name, **{**key_parts, "model": digests[name]}) for name in layers}
     if cache is not None:
         for name in layers:
             if (cached := cache.load(keys[name])) is not None:
@@ -213,6 +231,6 @@ def extract_cached(model: nn.Module, loader: DataLoader, layers: Sequence[str], 
             fresh = {name: value.half().float() for name, value in fresh.items()}
             if not dist.is_initialized() or dist.get_rank() == 0:
                 for name in missing:
-                    cache.save(keys[name], fresh[name], layer=name, **key_parts)
+                    cache.save(keys[name], fresh[name], layer=name, **{**key_parts, "model": digests[name]})
         found.update(fresh)
     return {name: found[name] for name in layers}

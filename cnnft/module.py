@@ -90,13 +90,8 @@ class CaffeNetModule(L.LightningModule):
     def on_train_start(self) -> None:
         self._skipped = int(self.skipped)  # restored from the checkpoint on a resume
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # count skipped images while the count is still on the host (no GPU sync per step)
-        if self.trainer.training and isinstance(batch, dict) and "skipped" in batch:
-            self._skipped += int(batch["skipped"])
-        return batch
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        self._skipped += int(batch["skipped"])  # a host int (collate_skipping)
         if self._skipped:
             self.skipped.fill_(self._skipped)
             self.log("train/skipped", float(self._skipped), reduce_fx="max")

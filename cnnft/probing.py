@@ -91,8 +91,7 @@ def layer_features(model: nn.Module, split: ProbeSplit, layers: Sequence[str],
                    ctx: AnalysisContext) -> dict[str, torch.Tensor]:
     loader = DataLoader(split.dataset, batch_size=ctx.batch_size, num_workers=ctx.num_workers,
                         collate_fn=collate_skipping)
-    key = {"model": ctx.model_key, "data": f"{ctx.voc_root}:{split.name}", "files": split.fingerprint,
-           "transform": split.transform}
+    key = {"data": f"{ctx.voc_root}:{split.name}", "files": split.fingerprint, "transform": split.transform}
     return extract_cached(model, loader, layers, cache=ctx.cache, key_parts=key,
                           progress=ctx.progress, desc=f"features {split.transform['kind']}/{split.name}")
 

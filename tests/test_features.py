@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from cnnft.features import FeatureCache, extract, extract_cached, merge_shards
+from cnnft.features import FeatureCache, extract, extract_cached, layer_digests, merge_shards
 from cnnft.models import PROBE_LAYERS, CaffeNet
 
 
@@ -94,4 +95,22 @@ def test_corrupt_cache_is_detected_and_recomputed(net: CaffeNet, loader: DataLoa
         again = extract_cached(net, loader, ["relu6"], cache=cache, key_parts=parts)
     assert "corrupt or stale" in caplog.text
     assert torch.equal(first["relu6"], again["relu6"])
-    assert cache.load(FeatureCache.key(layer="relu6", **parts)) is not None  # rewritten
+    key = FeatureCache.key(layer="relu6", model=layer_digests(net)["relu6"])
+    assert cache.load(key) is not None  # rewritten
+
+
+def test_networks_sharing_their_first_layers_share_cached_features(net: CaffeNet, loader: DataLoader,
+                                                                   tmp_path: Path) -> None:
+    """Fine-tuned with conv frozen: pool5 comes from the cache, relu7 is recomputed."""
+    cache = FeatureCache(tmp_path)
+    parts = {"data": "test", "transform": {"crop": 67}}
+    first = extract_cached(net, loader, ["pool5", "relu7"], cache=cache, key_parts=parts)
+    tuned = copy.deepcopy(net)
+    with torch.no_grad():
+        tuned.fc7.weight.mul_(2.0)
+    before, after = layer_digests(net), layer_digests(tuned)
+    assert [k for k in before if before[k] != after[k]] == ["fc7", "relu7", "drop7", "fc8"]
+    second = extract_cached(tuned, loader, ["pool5", "relu7"], cache=cache, key_parts=parts)
+    assert len(list(tmp_path.iterdir())) == 3  # one new entry: relu7
+    assert torch.equal(first["pool5"], second["pool5"])
+    assert not torch.allclose(first["relu7"], second["relu7"])

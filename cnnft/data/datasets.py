@@ -110,10 +110,11 @@ class WindowDataset(_SkippingDataset):
         return x, int(self.labels[index])
 
 
-def collate_skipping(items: list[Item | None]) -> dict[str, torch.Tensor]:
-    """Stack the samples that decoded; ``skipped`` counts those that did not."""
+def collate_skipping(items: list[Item | None]) -> dict[str, torch.Tensor | int]:
+    """Stack the samples that decoded; ``skipped`` (an int: it stays on the host when Lightning
+    moves the batch to a GPU, so reading it never waits for the GPU) counts those that did not."""
     kept = [item for item in items if item is not None]
-    skipped = torch.tensor(len(items) - len(kept))
+    skipped = len(items) - len(kept)
     if not kept:
         return {"images": torch.empty(0), "labels": torch.empty(0, dtype=torch.long),
                 "skipped": skipped}

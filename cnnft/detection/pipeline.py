@@ -36,7 +36,7 @@ from cnnft.detection.regions import (
     split_regions,
 )
 from cnnft.errors import DataError
-from cnnft.features import FeatureCache
+from cnnft.features import FeatureCache, layer_digests
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,11 @@ def positive_labels(im: VOCImage) -> torch.Tensor:
     return torch.nn.functional.one_hot(labels, len(VOC_CLASSES)).bool()
 
 
-def build_store(model: nn.Module, regions: Regions, s: DetectionSettings, *, model_key: str,
-                cache: FeatureCache, device: str, progress: bool) -> RegionStore:
-    key = {"model": model_key, "data": f"{s.voc_root}:{regions.split}",
+def build_store(model: nn.Module, regions: Regions, s: DetectionSettings, *, cache: FeatureCache,
+                device: str, progress: bool) -> RegionStore:
+    """pool5 of every window, cached under the digest of the weights up to pool5 (networks that
+    differ only after it, e.g. fine-tuned with conv frozen, share the cache)."""
+    key = {"model": layer_digests(model)[CACHED_LAYER], "data": f"{s.voc_root}:{regions.split}",
            "transform": {"kind": "region", "crop": s.crop, "pad": s.pad, "mean": list(s.mean),
                          "proposals": asdict(s.proposals), "max_proposals": s.max_proposals,
                          "gt": regions.num_gt != [0] * len(regions.num_gt)}}
@@ -149,7 +151,7 @@ def evaluate(test: RegionStore, feats: Callable[[torch.Tensor], torch.Tensor], d
 
 
 def run_detection(model: nn.Module, *, layers: Sequence[str], ablations: Mapping[str, Ablation],
-                  settings: DetectionSettings, model_key: str, cache: FeatureCache | None,
+                  settings: DetectionSettings, cache: FeatureCache | None,
                   output_dir: Path, device: str = "cpu", progress: bool = True) -> list[dict[str, Any]]:
     """Detection AP per class for every layer and ablation (see the module doc)."""
     from cnnft.probing import applies
@@ -167,7 +169,7 @@ def run_detection(model: nn.Module, *, layers: Sequence[str], ablations: Mapping
                                 max_proposals=s.max_proposals, include_gt=gt,
                                 compute_missing=s.compute_missing, workers=s.proposal_workers,
                                 progress=progress)
-        splits[split] = build_store(model, regions, s, model_key=model_key, cache=cache,
+        splits[split] = build_store(model, regions, s, cache=cache,
                                     device=device, progress=progress)
     rows: list[dict[str, Any]] = []
     for layer in layers:
