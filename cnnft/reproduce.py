@@ -329,7 +329,8 @@ class Pipeline:
 
     def network_units(self) -> list[Unit]:
         units = []
-        everything = discover_analyses()
+        skip = set(self.cfg.get("exclude_analyses") or [])
+        everything = [a for a in discover_analyses() if a not in skip]
         for network in NETWORKS:
             spec = self.cfg.networks.get(network)
             if spec is None:

@@ -14,8 +14,8 @@ def _hwc(image: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(image.permute(1, 2, 0).numpy())
 
 
-def _warp(image: torch.Tensor, boxes, crop: int, pad: int) -> np.ndarray:
-    out = warp_boxes(image, torch.as_tensor(boxes, dtype=torch.float32), crop=crop, pad=pad)
+def _warp(image: torch.Tensor, boxes, crop: int, pad: int, method: str = "batched") -> np.ndarray:
+    out = warp_boxes(image, torch.as_tensor(boxes, dtype=torch.float32), crop=crop, pad=pad, method=method)
     assert tuple(out.shape) == (len(boxes), 3, crop, crop)
     return out.permute(0, 2, 3, 1).numpy()
 
@@ -78,11 +78,12 @@ def test_warp_without_context_matches_cv2_resize() -> None:
         np.testing.assert_allclose(out[i], ref, atol=1e-3, rtol=0)
 
 
-def test_warp_with_context_at_image_corner_is_zero_outside() -> None:
+@pytest.mark.parametrize("method", ["batched", "per_box"])
+def test_warp_with_context_at_image_corner_is_zero_outside(method: str) -> None:
     image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1)) + 1.0  # no zeros
     crop, pad = 40, 8
     # box [0,32)^2 grows by 40/24 to [-10.67, 42.67)^2: 8 output px (= pad) fall off the image
-    out = _warp(image, [[0, 0, 32, 32], [32, 32, 64, 64]], crop, pad)
+    out = _warp(image, [[0, 0, 32, 32], [32, 32, 64, 64]], crop, pad, method)
     top_left, bottom_right = out
     assert (top_left[:pad] == 0).all() and (top_left[:, :pad] == 0).all()
     assert (top_left[pad:, pad:] >= 1.0 - 1e-5).all()
@@ -91,9 +92,9 @@ def test_warp_with_context_at_image_corner_is_zero_outside() -> None:
     assert (bottom_right[:-pad, :-pad] >= 1.0 - 1e-5).all()
     assert (bottom_right == 0).mean() == pytest.approx(0.36)
     # a box centred in the image with the same context has no zero at all
-    assert (_warp(image, [[16, 16, 48, 48]], crop, pad) != 0).all()
+    assert (_warp(image, [[16, 16, 48, 48]], crop, pad, method) != 0).all()
     # only the left edge is off the image: 4 of 40 columns for a box [0,16)x[20,44) grown by 5/4
-    left = _warp(image, [[0, 20, 16, 44]], 40, 4)[0]
+    left = _warp(image, [[0, 20, 16, 44]], 40, 4, method)[0]
     assert (left[:, :4] == 0).all() and (left[:, 4:] != 0).all()
     assert (left == 0).mean() == pytest.approx(4 / 40)
 
@@ -132,7 +133,10 @@ def _caffe_window(hwc: np.ndarray, box, crop: int, pad: int) -> np.ndarray:
     return out
 
 
-def test_warp_matches_caffe_style_crop() -> None:
+@pytest.mark.parametrize("method", ["batched", "per_box"])
+def test_warp_matches_caffe_style_crop(method: str) -> None:
+    """Both warps against an independent Caffe-style crop: per box it is that crop (to float
+    rounding); batched, it agrees up to the rounding of the window's edges."""
     rng = np.random.default_rng(5)
     h, w, crop, pad = 90, 120, 48, 8
     image = _smooth_image(h, w, seed=6)
@@ -145,7 +149,7 @@ def test_warp_matches_caffe_style_crop() -> None:
     boxes = np.array(boxes, np.float32)
     ctx = context_boxes(torch.from_numpy(boxes), crop, pad).numpy()
     assert ((ctx[:, :2] < 0) | (ctx[:, 2:] > [w, h])).any(axis=1).sum() >= 10  # many clipped
-    out = _warp(image, boxes, crop, pad)
+    out = _warp(image, boxes, crop, pad, method)
     value_range = float(hwc.max() - hwc.min())
     diffs = []
     for got, box in zip(out, boxes):
@@ -153,8 +157,18 @@ def test_warp_matches_caffe_style_crop() -> None:
         diffs.append(np.abs(got - ref).mean() / value_range)
         # the zero (outside-the-image) regions agree up to one row/column of rounding
         assert abs((got == 0).all(-1).sum() - (ref == 0).all(-1).sum()) <= 2 * crop
-    assert max(diffs) < 0.03
-    assert np.mean(diffs) < 0.015
+    assert max(diffs) < (1e-6 if method == "per_box" else 0.03)
+    assert np.mean(diffs) < (1e-6 if method == "per_box" else 0.015)
+
+
+def test_auto_warp_is_per_box_on_the_cpu_and_bad_methods_are_refused() -> None:
+    image = _smooth_image(40, 50, seed=1)
+    boxes = torch.tensor([[3.0, 4.0, 30.0, 33.0], [10.0, 0.0, 50.0, 40.0]])
+    auto = warp_boxes(image, boxes, crop=24, pad=4)
+    assert torch.equal(auto, warp_boxes(image, boxes, crop=24, pad=4, method="per_box"))
+    assert auto.is_contiguous(memory_format=torch.channels_last)  # as the network runs
+    with pytest.raises(ValueError, match="warp method 'nearest'; expected auto, batched or per_box"):
+        warp_boxes(image, boxes, crop=24, pad=4, method="nearest")
 
 
 def test_label_windows_gt_and_best_overlap() -> None:
