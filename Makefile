@@ -1,5 +1,5 @@
-# The two commands: `make demo` (set up, then train on the generated demo data) and
-# `make test` (set up, then run the test suite). Both start from nothing.
+# The two commands: `make demo` (set up, then the whole paper at demo scale on generated data:
+# cnnft-reproduce) and `make test` (set up, then run the test suite). Both start from nothing.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -17,7 +17,7 @@ $(BIN)/cnnft-train: pyproject.toml
 setup: $(BIN)/cnnft-train
 
 demo: setup
-	$(BIN)/python -m cnnft.demo
+	$(BIN)/cnnft-reproduce
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -11,7 +11,9 @@ Recipe (R-CNN ``rcnn_train.m``; DESIGN.md "Evaluation protocols"), all classes a
   afterwards only the hard ones, scoring > ``hard_threshold`` (-1.0001) under the current model;
 - retrain as soon as some class has gained more than ``retrain_limit`` (2000) new negatives
   since the last training, then evict that class's cached negatives scoring < ``evict_threshold``
-  (-1.2); retrain once more at the end;
+  (-1.2); retrain once more at the end. The retrainings during the pass only choose which
+  negatives are hard: they solve to a looser tolerance (``pass_tol``, 1e-3, still far tighter
+  than liblinear's default 0.1 that R-CNN used), the final one to ``tol``;
 - squared-hinge linear SVMs (``cnnft.svm.train_svms``) with C = 1e-3, positive weight 2, bias
   feature 10, on features multiplied by one scale that makes their mean norm 20 (estimated on
   a sample of training windows).
@@ -63,6 +65,9 @@ class MiningConfig:
     evict_threshold: float = -1.2
     retrain_limit: int = 2000
     warm_start: bool = True  # each retraining starts from the previous detectors
+    # solver tolerance of the retrainings during the pass, which only pick the hard negatives
+    # (None: ``tol``); the final retraining always solves to ``tol``
+    pass_tol: float | None = 1e-3
 
     def __post_init__(self) -> None:
         if not self.c > 0 or self.retrain_limit < 1:
@@ -73,9 +78,10 @@ class MiningConfig:
                               f"hard_threshold={self.hard_threshold} (else new hard negatives are "
                               "evicted at once)")
 
-    def svm(self) -> SVMConfig:
+    def svm(self, final: bool = True) -> SVMConfig:
+        tol = self.tol if final or self.pass_tol is None else max(self.tol, self.pass_tol)
         return SVMConfig(c_grid=(self.c,), folds=1, pos_weight=self.pos_weight, bias=self.bias,
-                         normalize="none", target_norm=self.target_norm, tol=self.tol,
+                         normalize="none", target_norm=self.target_norm, tol=tol,
                          max_iter=self.max_iter, solver=self.solver)
 
 
@@ -160,7 +166,7 @@ def mine_detectors(positives: Tensor, positive_labels: Tensor, negatives: Iterab
     """
     t0 = time.perf_counter()
     device = torch.device(device)
-    svm = cfg.svm()
+    final_svm, pass_svm = cfg.svm(), cfg.svm(final=False)
     labels = positive_labels.to(device, torch.bool)
     classes = labels.shape[1]
     missing = torch.nonzero(~labels.any(0)).flatten().tolist()
@@ -174,7 +180,7 @@ def mine_detectors(positives: Tensor, positive_labels: Tensor, negatives: Iterab
     stats = stats if stats is not None else MiningStats()
     first_time = True
 
-    def retrain(W: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    def retrain(W: Tensor, b: Tensor, svm: SVMConfig) -> tuple[Tensor, Tensor]:
         W, b = W.clone(), b.clone()
         for k in range(classes):  # each class on its own rows: a cached row belongs to few classes
             own = labels[:, k]
@@ -204,11 +210,11 @@ def mine_detectors(positives: Tensor, positive_labels: Tensor, negatives: Iterab
             added += new.sum(0)
             stats.added += int(new.sum())
         if bool((added > cfg.retrain_limit).any()):
-            W, b = retrain(W, b)
+            W, b = retrain(W, b, pass_svm)
             added.zero_()
             first_time = False
-    if first_time or bool(added.any()):
-        W, b = retrain(W, b)
+    if first_time or bool(added.any()) or pass_svm.tol != final_svm.tol:
+        W, b = retrain(W, b, final_svm)
     stats.cache_rows = cache.n
     stats.cache_per_class = cache.mask[:cache.n].sum(0).tolist()
     stats.cached = (cache.ids[:cache.n].cpu(), cache.mask[:cache.n].cpu())
