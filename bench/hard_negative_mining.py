@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--layer", default="pool5")
     parser.add_argument("--images", type=int, nargs="+", default=[25, 50, 100, 200])
     parser.add_argument("--retrain-limit", type=int, default=250)
+    parser.add_argument("--pass-tol", type=float, default=MiningConfig.pass_tol,
+                        help="solver tolerance of the retrainings during the pass")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-cold", action="store_true",
                         help="skip the baseline that retrains from zero each time")
@@ -69,7 +71,7 @@ def main() -> None:
     s = DetectionSettings(voc_root=Path(args.voc_root), crop=163, pad=11, mean=(122.68, 116.67, 104.01),
                           proposal_cache=Path(args.cache_dir) / "proposals",
                           proposals=ProposalSettings(min_size=10),
-                          mining=MiningConfig(retrain_limit=args.retrain_limit))
+                          mining=MiningConfig(retrain_limit=args.retrain_limit, pass_tol=args.pass_tol))
     images = load_voc(s.voc_root, "trainval")
     regions = split_regions(images, "trainval", cache_dir=s.proposal_cache, settings=s.proposals,
                             max_proposals=s.max_proposals, include_gt=True)

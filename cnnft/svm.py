@@ -420,15 +420,16 @@ def _sk_grid(x: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: Sequ
 
 
 def _grid(x: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: Sequence[float], cfg: SVMConfig,
-          stats: dict | None = None, columns: Tensor | None = None, init: Tensor | None = None) -> Tensor:
+          stats: dict | None = None, columns: Tensor | None = None, init: Tensor | None = None,
+          augmented: bool = False) -> Tensor:
     """``columns``: [n, D] bool feature columns per class (None: all); the bias is always used.
     ``init``: [n, D + 1] starting weights (bias column last) for the torch solver."""
     if columns is not None:
         columns = torch.cat([columns, torch.ones(columns.shape[0], 1, dtype=torch.bool,
                                                  device=columns.device)], 1)
     if cfg.solver == "sklearn":
-        return _sk_grid(x, y, weight, masks, c_values, cfg, columns)
-    F = _augment(x, cfg.bias)
+        return _sk_grid(x[:, :-1] if augmented else x, y, weight, masks, c_values, cfg, columns)
+    F = x if augmented else _augment(x, cfg.bias)
     with _threads_for(F):
         return _solve_grid(F, y, weight, masks, c_values, cfg, stats, columns, init)
 
@@ -442,8 +443,8 @@ def _split(W: Tensor, bias: float) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def train_svms(x: Tensor, y: Tensor, c: float | Tensor, *, cfg: SVMConfig, ignore: Tensor | None = None,
-               feature_mask: Tensor | None = None, init: tuple[Tensor, Tensor] | None = None
-               ) -> tuple[Tensor, Tensor]:
+               feature_mask: Tensor | None = None, init: tuple[Tensor, Tensor] | None = None,
+               augmented: bool = False) -> tuple[Tensor, Tensor]:
     """One-vs-rest SVMs on all rows of ``x`` [N, D] (used as given, not normalised) for labels
     ``y`` [N, n] (bool or 0/1), with ``c`` one C for all classes or ``[n]`` per class; ``ignore``
     [N, n] marks rows a class must not see; ``feature_mask`` [n, D] (bool) the feature columns
@@ -451,32 +452,35 @@ def train_svms(x: Tensor, y: Tensor, c: float | Tensor, *, cfg: SVMConfig, ignor
     0). The columns of ``y`` need not be distinct classes: one label column per (class, subset)
     trains many subsets at once. ``init`` ``(W [n, D], b [n])``: where the torch solver starts
     (a warm start, e.g. the previous round's detectors in hard-negative mining; the solution is
-    the same to the solver's tolerance). Returns ``W`` [n, D] and ``b`` [n]."""
+    the same to the solver's tolerance). ``augmented``: the last column of ``x`` already is the
+    bias feature (``cfg.bias``), so no augmented copy is made; ``D`` is then one less.
+    Returns ``W`` [n, D] and ``b`` [n]."""
     x, y, weight = _inputs(x, y, ignore, cfg)
     n = y.shape[1]
+    d = x.shape[1] - 1 if augmented else x.shape[1]
     c = torch.as_tensor(c, dtype=torch.float64).flatten().cpu()
     c = c.expand(n) if c.numel() == 1 else c
     if c.numel() != n:
         raise ValueError(f"c has {c.numel()} values for {n} classes")
     if feature_mask is not None:
         feature_mask = torch.as_tensor(feature_mask, device=x.device).bool()
-        if feature_mask.shape != (n, x.shape[1]):
+        if feature_mask.shape != (n, d):
             raise ValueError(f"feature_mask has shape {tuple(feature_mask.shape)}, "
-                             f"expected {(n, x.shape[1])}")
+                             f"expected {(n, d)}")
     start = None
     if init is not None:
         W0, b0 = (torch.as_tensor(t, device=x.device, dtype=x.dtype) for t in init)
-        if W0.shape != (n, x.shape[1]) or b0.shape != (n,):
+        if W0.shape != (n, d) or b0.shape != (n,):
             raise ValueError(f"init has shapes {tuple(W0.shape)}, {tuple(b0.shape)}; expected "
-                             f"{(n, x.shape[1])}, {(n,)}")
+                             f"{(n, d)}, {(n,)}")
         start = torch.cat([W0, b0[:, None] / cfg.bias], 1)  # the bias feature's weight
     full = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
-    W = torch.zeros(n, x.shape[1] + 1, dtype=x.dtype, device=x.device)
+    W = torch.zeros(n, d + 1, dtype=x.dtype, device=x.device)
     for value in sorted(set(c.tolist())):  # each class solved at its own C only
         cols = torch.nonzero(c == value).squeeze(1).to(x.device)
         sub = None if feature_mask is None else feature_mask[cols]
         W[cols] = _grid(x, y[:, cols], weight[:, cols], full, [value], cfg, columns=sub,
-                        init=None if start is None else start[cols])[0, :, 0]
+                        init=None if start is None else start[cols], augmented=augmented)[0, :, 0]
     return _split(W, cfg.bias)
 
 

@@ -299,3 +299,7 @@ def test_warm_start_reaches_the_same_solution() -> None:
         torch.testing.assert_close(b2, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"init has shapes \(4, 39\), \(4,\); expected \(4, 40\)"):
         train_svms(x, y, 0.1, cfg=cfg, init=(W[:, 1:], b))
+    # features that already carry the bias column: the same solution, no augmented copy
+    Wa, ba = train_svms(_augment(x, cfg.bias), y, 0.1, cfg=cfg, augmented=True)
+    torch.testing.assert_close(Wa, W)
+    torch.testing.assert_close(ba, b)

@@ -172,9 +172,20 @@ def mine_detectors(positives: Tensor, positive_labels: Tensor, negatives: Iterab
     missing = torch.nonzero(~labels.any(0)).flatten().tolist()
     if missing:
         raise ValueError(f"no positive training window for class index(es) {missing}")
-    pos = positives.to(device, torch.float32) * scale
-    cache = _Rows(pos.shape[1], classes, device, torch.float32)
-    W = torch.zeros(classes, pos.shape[1], device=device)
+    dim, svm_bias = positives.shape[1], final_svm.bias
+
+    def augment(x: Tensor) -> Tensor:  # scaled, with the SVM's bias feature as the last column
+        return torch.cat([x.to(device, torch.float32) * scale,
+                          torch.full((len(x), 1), svm_bias, device=device)], 1)
+
+    # one buffer: the P positives first (never evicted), then the cached negatives; a class's
+    # training rows are one masked gather, already in the solver's augmented form
+    cache = _Rows(dim + 1, classes, device, torch.float32)
+    P = len(positives)
+    ids = torch.stack([torch.full((P,), -1), torch.arange(P)], 1)  # (no image, positive row)
+    cache.append(augment(positives), labels, ids.to(device))
+    per_class_pos = labels.sum(0).tolist()
+    W = torch.zeros(classes, dim, device=device)
     b = torch.zeros(classes, device=device)
     added = torch.zeros(classes, dtype=torch.long, device=device)
     stats = stats if stats is not None else MiningStats()
@@ -183,26 +194,25 @@ def mine_detectors(positives: Tensor, positive_labels: Tensor, negatives: Iterab
     def retrain(W: Tensor, b: Tensor, svm: SVMConfig) -> tuple[Tensor, Tensor]:
         W, b = W.clone(), b.clone()
         for k in range(classes):  # each class on its own rows: a cached row belongs to few classes
-            own = labels[:, k]
-            x = torch.cat([pos[own], cache.x[:cache.n][cache.mask[:cache.n, k]]])
-            y = torch.arange(len(x), device=device) < int(own.sum())
+            x = cache.x[:cache.n][cache.mask[:cache.n, k]]  # its positives, then its negatives
+            y = torch.arange(len(x), device=device) < per_class_pos[k]
             start = (W[k:k + 1], b[k:k + 1]) if cfg.warm_start else None
-            Wk, bk = train_svms(x, y, cfg.c, cfg=svm, init=start)
+            Wk, bk = train_svms(x, y, cfg.c, cfg=svm, init=start, augmented=True)
             W[k], b[k] = Wk[0].float(), bk[0].float()
-        # evict easy negatives, per class
-        z = cache.x[:cache.n] @ W.T + b
-        easy = cache.mask[:cache.n] & (z < cfg.evict_threshold)
+        # evict easy negatives, per class (rows after the positives)
+        z = cache.x[P:cache.n] @ torch.cat([W, (b / svm_bias)[:, None]], 1).T
+        easy = cache.mask[P:cache.n] & (z < cfg.evict_threshold)
         stats.evicted += int(easy.sum())
-        cache.mask[:cache.n] &= ~easy
-        cache.keep(cache.mask[:cache.n].any(1))
+        cache.mask[P:cache.n] &= ~easy
+        cache.keep(cache.mask[:cache.n].any(1))  # positives hold their class: always kept
         stats.retrains += 1
         return W, b
 
     for image, (x, candidate) in enumerate(negatives):
         stats.images += 1
-        x = x.to(device, torch.float32) * scale
+        x = augment(x)
         candidate = candidate.to(device, torch.bool)
-        new = candidate if first_time else candidate & (x @ W.T + b > cfg.hard_threshold)
+        new = candidate if first_time else candidate & (x[:, :dim] @ W.T + b > cfg.hard_threshold)
         rows = new.any(1)
         if rows.any():
             index = torch.nonzero(rows).flatten()
@@ -215,9 +225,9 @@ def mine_detectors(positives: Tensor, positive_labels: Tensor, negatives: Iterab
             first_time = False
     if first_time or bool(added.any()) or pass_svm.tol != final_svm.tol:
         W, b = retrain(W, b, final_svm)
-    stats.cache_rows = cache.n
-    stats.cache_per_class = cache.mask[:cache.n].sum(0).tolist()
-    stats.cached = (cache.ids[:cache.n].cpu(), cache.mask[:cache.n].cpu())
+    stats.cache_rows = cache.n - P
+    stats.cache_per_class = cache.mask[P:cache.n].sum(0).tolist()
+    stats.cached = (cache.ids[P:cache.n].cpu(), cache.mask[P:cache.n].cpu())
     stats.seconds = time.perf_counter() - t0
     log.info("hard-negative mining: %d images, %d retrainings, %d negatives added, %d evicted, "
              "%d cached at the end, %.1f s", stats.images, stats.retrains, stats.added, stats.evicted,
