@@ -58,8 +58,10 @@ def spatial_max(x: Tensor) -> Tensor:
 
 
 def binarize(x: Tensor, *, threshold: float = 0.0) -> Tensor:
-    """``[N, C*H*W]`` 0/1 of ``x > threshold``. Keeps where each filter fires; destroys how strongly."""
-    _check_spatial(x, "binarize")
+    """``[N, C*H*W]`` (or, for fc features ``[N, D]``, ``[N, D]``) 0/1 of ``x > threshold``. Keeps
+    which units fire (and where); destroys how strongly (paper Sec. 4.2, pool5 and fc6/fc7)."""
+    if x.dim() != 2:
+        _check_spatial(x, "binarize")
     return _binary(x > threshold, x).flatten(1)
 
 

@@ -97,8 +97,8 @@ def layer_features(model: nn.Module, split: ProbeSplit, layers: Sequence[str],
 
 
 def applies(ablation: Ablation, features: torch.Tensor) -> bool:
-    """Spatial ablations need ``[N, C, H, W]``; fc features only take the plain vector."""
-    return features.dim() == 4 or getattr(ablation, "func", ablation).__name__ == "unroll"
+    """Spatial ablations need ``[N, C, H, W]``; fc features take the plain vector and binarize."""
+    return features.dim() == 4 or getattr(ablation, "func", ablation).__name__ in ("unroll", "binarize")
 
 
 def run_probes(model: nn.Module, train: ProbeSplit, test: ProbeSplit, *, layers: Sequence[str],

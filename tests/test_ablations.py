@@ -21,7 +21,7 @@ from cnnft.ablations import (
 )
 
 ABLATION_CONF = Path(__file__).resolve().parents[1] / "conf" / "ablations"
-SPATIAL = [spatial_shuffle, spatial_max, binarize, binarize_loc, spatial_max_binarize]
+SPATIAL = [spatial_shuffle, spatial_max, binarize_loc, spatial_max_binarize]
 
 
 def _maps(n: int = 4, c: int = 5, h: int = 3, w: int = 4, seed: int = 0) -> torch.Tensor:
@@ -106,6 +106,14 @@ def test_binarize_loc_ties_and_silent_filters() -> None:
 def test_spatial_ablations_reject_fc_features(fn) -> None:
     with pytest.raises(ValueError, match=rf"{fn.__name__} needs \[N, C, H, W\].*\(4, 16\)"):
         fn(torch.randn(4, 16))
+
+
+def test_binarize_takes_fc_features_too() -> None:
+    """Sec. 4.2 binarizes fc6/fc7 as well as pool5."""
+    x = torch.tensor([[0.0, 2.0, -1.0, 0.5]])
+    assert binarize(x).tolist() == [[0.0, 1.0, 0.0, 1.0]]
+    with pytest.raises(ValueError, match=r"binarize needs \[N, C, H, W\]"):
+        binarize(torch.randn(2, 3, 4))
 
 
 def test_every_config_instantiates_and_runs() -> None:

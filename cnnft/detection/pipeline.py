@@ -174,8 +174,9 @@ def run_detection(model: nn.Module, *, layers: Sequence[str], ablations: Mapping
     rows: list[dict[str, Any]] = []
     for layer in layers:
         for name, ablation in ablations.items():
-            spatial = torch.zeros(1, 1, 1, 1) if layer == CACHED_LAYER else torch.zeros(1, 1)
-            if not applies(ablation, spatial):
+            # the detection ablations (paper Table 5) are of pool5; later layers run plain
+            plain = ablation is None or getattr(ablation, "func", ablation) is unroll
+            if (layer != CACHED_LAYER and not plain) or not applies(ablation, torch.zeros(1, 1, 1, 1)):
                 continue
             feats = _on(device, layer_transform(net, layer, ablation or unroll))
             stats = MiningStats()
