@@ -340,23 +340,37 @@ def test_demo_detection_beats_random_scores(data_dir: Path, tmp_path: Path) -> N
     assert metrics["detection/pool5/mAP"] > baseline + 0.1, (metrics, baseline)
 
 
+SMALL_DATA = ["data.demo_spec.imagenet_classes=10", "data.demo_spec.imagenet_train_per_class=40",
+              "data.demo_spec.imagenet_val_per_class=4", "data.demo_spec.voc_trainval=80",
+              "data.demo_spec.voc_test=60"]  # demo-size images, fewer of them
+
+
 @pytest.mark.slow
-def test_trained_network_detects_well_above_random_scores_at_pool5_and_fc7(data_dir: Path,
-                                                                           tmp_path: Path) -> None:
-    """The tiny net pretrained, then fine-tuned on the VOC windows: detection at pool5 and at
-    fc7 (relu7) is well above random scores."""
+def test_trained_network_detects_well_above_random_scores_at_pool5_and_fc7(tmp_path: Path) -> None:
+    """The demo network, pretrained (150 steps) and fine-tuned on the VOC windows (140 steps) on
+    a smaller demo set (80 trainval / 60 test images): detection at pool5 and at fc7 (relu7) is
+    well above random scores. Measured (2 CPUs, ~2 min in all): pool5 0.349, relu7 0.178, random
+    scores 0.026. The 24-image tiny set is too small for this (relu7 0.026 there)."""
+    from cnnft.data.demo import generate_demo
+    from cnnft.train import demo_spec
+
+    run = [*SMALL_DATA, "data.num_workers=0", "logger=csv", "callbacks.progress_bar=null",
+           "trainer.enable_model_summary=false"]
+    generate_demo(tmp_path / "demo", demo_spec(compose_cfg(run, tmp_path / "unused", tmp_path)),
+                  progress=False)
     pre, tuned = tmp_path / "pre", tmp_path / "tuned"
-    train(compose_cfg([*TINY_RUN, "recipe.pretrain.max_steps=60", "recipe.pretrain.snapshots=[]"],
-                      pre, data_dir))
-    train(compose_cfg([*TINY_RUN, "stage=finetune", "freeze=all", f"pretrained={pre}/checkpoints/last.ckpt",
-                       "recipe.finetune.max_steps=150", "recipe.finetune.batch_size=32",
-                       "recipe.finetune.fg_per_batch=8", "recipe.finetune.val_every=50",
-                       "recipe.finetune.checkpoint_every=50"], tuned, data_dir))
+    train(compose_cfg([*run, "recipe.pretrain.max_steps=150", "recipe.pretrain.batch_size=32",
+                       "recipe.pretrain.snapshots=[]", "recipe.pretrain.val_every=150",
+                       "recipe.pretrain.checkpoint_every=150"], pre, tmp_path))
+    train(compose_cfg([*run, "stage=finetune", "freeze=all", f"pretrained={pre}/checkpoints/last.ckpt",
+                       "recipe.finetune.max_steps=140", "recipe.finetune.batch_size=32",
+                       "recipe.finetune.fg_per_batch=8", "recipe.finetune.val_every=140",
+                       "recipe.finetune.val_batches=2", "recipe.finetune.checkpoint_every=140"],
+                      tuned, tmp_path))
     ckpt = tuned / "checkpoints" / "last.ckpt"
-    cfg = compose_cfg([*TINY_DATA, "model.width=0.125", "model.input_size=67", "model.resize=76",
-                       "model.context_pad=5", f"checkpoint={ckpt}", *DETECTION_JOB],
-                      tmp_path / "det", data_dir, name="analyze")
+    cfg = compose_cfg([*SMALL_DATA, f"checkpoint={ckpt}", *DETECTION_JOB], tmp_path / "det", tmp_path,
+                      name="analyze")
     metrics = analyze(cfg)[str(ckpt)]
-    baseline = _random_score_map(data_dir, tmp_path)
-    for layer in ("pool5", "relu7"):
-        assert metrics[f"detection/{layer}/mAP"] > baseline + 0.1, (layer, metrics, baseline)
+    baseline = _random_score_map(tmp_path, tmp_path / "random")
+    assert metrics["detection/pool5/mAP"] > baseline + 0.2, (metrics, baseline)
+    assert metrics["detection/relu7/mAP"] > baseline + 0.1, (metrics, baseline)
