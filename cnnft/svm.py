@@ -61,6 +61,9 @@ from cnnft.metrics import average_precision
 NORMALIZE_MODES = ("l2", "mean_norm", "none")
 SOLVERS = ("torch", "sklearn")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: ``dtype="auto"`` solves in float64 when the features' spread about their mean is below this
+#: fraction of their size (``relative_spread``), else in float32
+AUTO_FLOAT64_SPREAD = 0.1
 #: CG stops at ``||residual|| <= CG_RTOL * ||gradient||`` (TRON's 0.1) or after CG_MAX_ITER steps
 CG_RTOL = 0.1
 CG_MAX_ITER = 200
@@ -80,6 +83,10 @@ class SVMConfig:
     iterations; ``solver``: ``"torch"`` or ``"sklearn"``; ``seed``: fold assignment. Torch solver
     only: ``dtype``, ``warm_start``, ``max_problems`` (problems per batch, bounds the ``[N, K]``
     buffers).
+    ``dtype``: ``"float32"``, ``"float64"`` or ``"auto"``: float64 for nearly constant features
+    (``relative_spread`` below ``AUTO_FLOAT64_SPREAD``: fc layers of untrained networks and early
+    snapshots, whose rows differ by < 1% of their norm), where float32 cannot rank the samples
+    (scores off by up to half their spread at spread 0.0035), float32 otherwise.
     ``sklearn_max_iter``: LinearSVC's ``max_iter``."""
 
     c_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1, 10)
@@ -92,7 +99,7 @@ class SVMConfig:
     max_iter: int = 100
     solver: str = "torch"  # or "sklearn"
     seed: int = 0
-    dtype: str = "float32"  # or "float64"
+    dtype: str = "auto"  # "float32" | "float64" | "auto"
     warm_start: bool = True
     max_problems: int = 512
     sklearn_max_iter: int = 2000
@@ -105,8 +112,8 @@ class SVMConfig:
             raise ConfigError(f"probe normalize={self.normalize!r}; expected one of {list(NORMALIZE_MODES)}")
         if self.solver not in SOLVERS:
             raise ConfigError(f"probe solver={self.solver!r}; expected one of {list(SOLVERS)}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"probe dtype={self.dtype!r}; expected one of {list(DTYPES)}")
+        if self.dtype not in (*DTYPES, "auto"):
+            raise ConfigError(f"probe dtype={self.dtype!r}; expected one of {[*DTYPES, 'auto']}")
         if self.folds < 2 and len(self.c_grid) > 1:
             raise ConfigError(f"probe folds={self.folds}: choosing among {len(self.c_grid)} C values "
                               "needs at least 2 folds")
@@ -305,12 +312,41 @@ def _solve_grid(F: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: S
 # --------------------------------------------------------------------------- inputs, folds, CV
 
 
-def _inputs(x: Tensor, y: Tensor, ignore: Tensor | None, cfg: SVMConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """Features in the solver's dtype, labels as bool [N, n], class weights [N, n] (0 = ignored)."""
+def relative_spread(x: Tensor, chunk: int = 2048) -> float:
+    """RMS distance of the rows of ``x`` [N, D] from their mean over their RMS norm (0: all rows
+    equal, 1: mean zero), accumulated in float64 over row chunks."""
+    total, squares = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device), 0.0
+    for part in x.split(chunk):
+        part = part.double()
+        total += part.sum(0)
+        squares += float(part.pow(2).sum())
+    if not squares > 0:
+        return 0.0
+    n = x.shape[0]
+    return math.sqrt(max(squares / n - float(total.pow(2).sum()) / n**2, 0.0) / (squares / n))
+
+
+def solver_dtype(x: Tensor, cfg: SVMConfig, *, augmented: bool = False) -> torch.dtype:
+    """The dtype ``cfg.dtype`` asks for; for ``"auto"`` decided by ``relative_spread`` of ``x``
+    (without its bias column when ``augmented``)."""
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    spread = relative_spread(x[:, :-1] if augmented else x)
+    return torch.float64 if spread < AUTO_FLOAT64_SPREAD else torch.float32
+
+
+def _matrix(x: Tensor) -> Tensor:
     x = torch.as_tensor(x)
     if x.dim() != 2:
         raise ValueError(f"features must be [N, D], got shape {tuple(x.shape)}")
-    x = x.to(DTYPES[cfg.dtype])
+    return x
+
+
+def _inputs(x: Tensor, y: Tensor, ignore: Tensor | None, cfg: SVMConfig, *, augmented: bool = False
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    """Features in the solver's dtype, labels as bool [N, n], class weights [N, n] (0 = ignored)."""
+    x = _matrix(x)
+    x = x.to(solver_dtype(x, cfg, augmented=augmented))
     y = torch.as_tensor(y, device=x.device)
     y = y[:, None] if y.dim() == 1 else y
     if y.shape[0] != x.shape[0] or y.dim() != 2:
@@ -455,7 +491,7 @@ def train_svms(x: Tensor, y: Tensor, c: float | Tensor, *, cfg: SVMConfig, ignor
     the same to the solver's tolerance). ``augmented``: the last column of ``x`` already is the
     bias feature (``cfg.bias``), so no augmented copy is made; ``D`` is then one less.
     Returns ``W`` [n, D] and ``b`` [n]."""
-    x, y, weight = _inputs(x, y, ignore, cfg)
+    x, y, weight = _inputs(x, y, ignore, cfg, augmented=augmented)
     n = y.shape[1]
     d = x.shape[1] - 1 if augmented else x.shape[1]
     c = torch.as_tensor(c, dtype=torch.float64).flatten().cpu()
@@ -542,9 +578,11 @@ def fit_probe(x_train: Tensor, y_train: Tensor, *, cfg: SVMConfig, ignore: Tenso
     """Normalise ``x_train`` (``cfg.normalize``), choose C per class by cross-validation and keep
     the SVMs trained on all rows with that C. One batch (torch solver) covers every class, C and
     fold plus the all-rows problems. ``stats`` (torch solver) receives iteration counts."""
-    x, y, weight = _inputs(x_train, y_train, ignore, cfg)
+    x = _matrix(x_train)
+    x = x.to(torch.promote_types(x.dtype, torch.float32))  # normalised at least in float32
     scale = _mean_norm_scale(x, cfg.target_norm) if cfg.normalize == "mean_norm" else 1.0
     x = normalize_features(x, "l2") if cfg.normalize == "l2" else x * scale
+    x, y, weight = _inputs(x, y_train, ignore, cfg)  # dtype "auto" judges the rows as solved
     best, table, Wfull = _select(x, y, weight, cfg, full=True, stats=stats)
     pick = torch.tensor([cfg.c_grid.index(v) for v in best.tolist()], device=x.device)
     W, b = _split(Wfull[pick, torch.arange(y.shape[1], device=x.device)], cfg.bias)

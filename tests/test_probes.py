@@ -103,23 +103,46 @@ def test_class_without_positives_is_named(snapshot_run: Path, tmp_path: Path) ->
 
 
 def test_every_layer_above_chance_and_solvers_agree(snapshot_run: Path, data_dir: Path,
-                                                    tmp_path: Path) -> None:
+                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On real (tiny demo) features: every layer's probe beats chance (the AP of random scores is
-    about each class's positive rate), and the torch solver matches sklearn's LinearSVC within
-    0.5 mAP points on the same features."""
-    from cnnft.data.voc import read_class_labels
+    about each class's positive rate), and on the same features the torch solver's SVMs equal
+    sklearn LinearSVC's at C across the grid: decision values, up to a common offset, within
+    1% of their spread (float32 on the fc rows here was off by up to half of it).
 
+    mAP itself is not compared between solvers: this 6-step net's pool5 and fc rows differ by
+    0.3-3% of their norm, so the ranking of 24 test images (hence AP, and the CV choice of C)
+    turns on score differences near rounding; two machines' CPUs put the two solvers 0.02 and
+    1.5 mAP points apart at relu7 before ``dtype="auto"`` solved such features in float64."""
+    import cnnft.probing
+    from cnnft.data.voc import read_class_labels
+    from cnnft.svm import SVMConfig, _sk_fit, normalize_features, train_svms
+
+    seen = []
+    fit = cnnft.probing.fit_probe
+
+    def spy(x: torch.Tensor, y: torch.Tensor, **kwargs):
+        seen.append((x, y, kwargs["ignore"]))
+        return fit(x, y, **kwargs)
+
+    monkeypatch.setattr(cnnft.probing, "fit_probe", spy)
     ckpt = snapshot_run / "checkpoints" / "last.ckpt"
-    maps = {}
-    for solver in ("torch", "sklearn"):
-        # both solvers run to a tight tolerance, so both stand at the same optimum
-        cfg = analyze_cfg([f"checkpoint={ckpt}", f"probe.solver={solver}", "probe.tol=1e-6"],
-                          tmp_path / solver, data_dir)
-        maps[solver] = analyze(cfg)[str(ckpt)]
+    cfg = analyze_cfg([f"checkpoint={ckpt}", "analyses=[probe_cls]", "ablations=[unroll]"], tmp_path,
+                      data_dir)
+    maps = analyze(cfg)[str(ckpt)]
     _, table = read_class_labels(data_dir / "demo" / "VOC2007", "test")
     chance = float(((table == 1).sum(0) / (table != 0).sum(0)).mean())
     layers = ["pool1", "pool2", "relu3", "relu4", "pool5", "relu6", "relu7"]
-    for layer in layers:
-        key = f"probe_cls/{layer}/mAP"
-        assert maps["torch"][key] > chance + 0.15, (layer, maps["torch"][key], chance)
-        assert maps["torch"][key] == pytest.approx(maps["sklearn"][key], abs=0.005), layer
+    assert len(seen) == len(layers)
+    svm = SVMConfig(tol=1e-6)
+    for layer, (x, y, ignore) in zip(layers, seen, strict=True):
+        assert maps[f"probe_cls/{layer}/mAP"] > chance + 0.15, (layer, maps, chance)
+        x = normalize_features(x.double(), "l2")
+        xb = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1).numpy()
+        for c in (0.001, 0.1, 10.0):
+            W, b = train_svms(x.float(), y, c, cfg=svm, ignore=ignore)
+            for k in range(y.shape[1]):
+                reference = xb @ _sk_fit(x.numpy(), y[:, k].numpy(), ~ignore[:, k].numpy(), c, svm)
+                ours = (x.float().to(W.dtype) @ W[k] + b[k]).double().numpy()
+                gap = ours - reference  # a common offset (the bias, to the solvers' tol) ranks alike
+                # 1e-7: below it scores are equal to the solvers' tol (relu6 at C 1e-3: spread 1e-7)
+                assert abs(gap - gap.mean()).max() < 1e-2 * reference.std() + 1e-7, (layer, c, k)

@@ -303,3 +303,29 @@ def test_warm_start_reaches_the_same_solution() -> None:
     Wa, ba = train_svms(_augment(x, cfg.bias), y, 0.1, cfg=cfg, augmented=True)
     torch.testing.assert_close(Wa, W)
     torch.testing.assert_close(ba, b)
+
+
+def test_auto_dtype_solves_nearly_constant_features_in_float64() -> None:
+    """``relative_spread`` is the rows' RMS distance from their mean over their RMS norm; with
+    ``dtype="auto"`` rows that differ by < 10% of their norm (untrained fc layers) are solved in
+    float64, and the solution is then the float64 one; spread-out features stay float32."""
+    from cnnft.svm import relative_spread, solver_dtype
+
+    g = torch.Generator().manual_seed(0)
+    assert relative_spread(torch.ones(50, 8)) == 0.0
+    assert relative_spread(torch.zeros(5, 3)) == 0.0
+    signs = torch.tensor([[1.0], [-1.0]]).repeat(3, 1) * torch.ones(6, 4)
+    assert relative_spread(signs) == pytest.approx(1.0)  # mean zero
+    base, noise = torch.rand(64, generator=g) + 0.5, torch.randn(300, 64, generator=g)
+    y = noise[:, 0] > 0.5
+    flat = base + 0.003 * noise  # rows within 0.3% of their norm of each other
+    assert relative_spread(flat) == pytest.approx(0.003 * 8 / base.norm().item(), rel=0.05)
+    auto = SVMConfig()
+    assert solver_dtype(flat, auto) == torch.float64 and solver_dtype(noise.abs(), auto) == torch.float32
+    assert solver_dtype(flat, SVMConfig(dtype="float32")) == torch.float32
+    bias_col = torch.cat([flat, torch.full((300, 1), 10.0)], 1)
+    assert solver_dtype(bias_col, auto, augmented=True) == torch.float64
+    W, b = train_svms(flat, y, 1.0, cfg=SVMConfig(tol=1e-8))
+    W64, b64 = train_svms(flat.double(), y, 1.0, cfg=SVMConfig(tol=1e-8, dtype="float64"))
+    assert W.dtype == torch.float64
+    torch.testing.assert_close(flat.double() @ W.T + b, flat.double() @ W64.T + b64)
