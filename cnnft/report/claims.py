@@ -223,8 +223,9 @@ def fc_tuning_recovers_detection(n: Numbers, share: float = 0.75) -> Verdict:
     if full <= base:  # type: ignore[operator]
         return False, f"no gain to recover: alex-net {_f(base)}, all-tune {_f(full)}, fc-tune {_f(fc)}"
     frac = (fc - base) / (full - base)  # type: ignore[operator]
-    return frac >= share, (f"relu-7: alex-net {_f(base)}, all-tune {_f(full)}, fc-tune {_f(fc)} "
-                           f"({frac:.0%} of the gain)")
+    kept = f"{frac:.0%} of the gain" if frac <= 1 else "more than all-tune's gain"
+    return frac >= share, (f"relu-7: alex-net {_f(base)}, all-tune {_f(full)} ({full - base:+.1f}), "  # type: ignore[operator]
+                           f"fc-tune {_f(fc)} ({fc - base:+.1f}): {kept}")  # type: ignore[operator]
 
 
 def deeper_layers_classify_better(n: Numbers) -> Verdict:
