@@ -49,7 +49,7 @@ import math
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -312,18 +312,16 @@ def _solve_grid(F: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: S
 # --------------------------------------------------------------------------- inputs, folds, CV
 
 
-def relative_spread(x: Tensor, chunk: int = 2048) -> float:
+def relative_spread(x: Tensor, max_rows: int = 4096) -> float:
     """RMS distance of the rows of ``x`` [N, D] from their mean over their RMS norm (0: all rows
-    equal, 1: mean zero), accumulated in float64 over row chunks."""
-    total, squares = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device), 0.0
-    for part in x.split(chunk):
-        part = part.double()
-        total += part.sum(0)
-        squares += float(part.pow(2).sum())
+    equal, 1: mean zero), estimated on at most ``max_rows`` evenly strided rows."""
+    x = x[:: -(-len(x) // max_rows)] if len(x) > max_rows else x
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    squares = float(x.pow(2).sum(dtype=torch.float64))
     if not squares > 0:
         return 0.0
-    n = x.shape[0]
-    return math.sqrt(max(squares / n - float(total.pow(2).sum()) / n**2, 0.0) / (squares / n))
+    mean_sq = float(x.sum(0, dtype=torch.float64).pow(2).sum()) / len(x) ** 2
+    return math.sqrt(max(squares / len(x) - mean_sq, 0.0) / (squares / len(x)))
 
 
 def solver_dtype(x: Tensor, cfg: SVMConfig, *, augmented: bool = False) -> torch.dtype:
@@ -333,6 +331,13 @@ def solver_dtype(x: Tensor, cfg: SVMConfig, *, augmented: bool = False) -> torch
         return DTYPES[cfg.dtype]
     spread = relative_spread(x[:, :-1] if augmented else x)
     return torch.float64 if spread < AUTO_FLOAT64_SPREAD else torch.float32
+
+
+def resolved(cfg: SVMConfig, x: Tensor) -> SVMConfig:
+    """``cfg`` with ``dtype="auto"`` decided on the features ``x``: for a sequence of solves on
+    related rows (hard-negative mining) that decides once instead of at every solve."""
+    dtype = solver_dtype(x, cfg)
+    return replace(cfg, dtype=next(k for k, v in DTYPES.items() if v == dtype))
 
 
 def _matrix(x: Tensor) -> Tensor:

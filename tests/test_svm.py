@@ -309,7 +309,7 @@ def test_auto_dtype_solves_nearly_constant_features_in_float64() -> None:
     """``relative_spread`` is the rows' RMS distance from their mean over their RMS norm; with
     ``dtype="auto"`` rows that differ by < 10% of their norm (untrained fc layers) are solved in
     float64, and the solution is then the float64 one; spread-out features stay float32."""
-    from cnnft.svm import relative_spread, solver_dtype
+    from cnnft.svm import relative_spread, resolved, solver_dtype
 
     g = torch.Generator().manual_seed(0)
     assert relative_spread(torch.ones(50, 8)) == 0.0
@@ -325,6 +325,10 @@ def test_auto_dtype_solves_nearly_constant_features_in_float64() -> None:
     assert solver_dtype(flat, SVMConfig(dtype="float32")) == torch.float32
     bias_col = torch.cat([flat, torch.full((300, 1), 10.0)], 1)
     assert solver_dtype(bias_col, auto, augmented=True) == torch.float64
+    # decided once for a sequence of solves (mining): a config with a concrete dtype
+    assert resolved(auto, flat).dtype == "float64" and resolved(auto, noise.abs()).dtype == "float32"
+    assert resolved(SVMConfig(dtype="float32"), flat).dtype == "float32"
+    assert relative_spread(flat, max_rows=50) == pytest.approx(relative_spread(flat), rel=0.1)
     W, b = train_svms(flat, y, 1.0, cfg=SVMConfig(tol=1e-8))
     W64, b64 = train_svms(flat.double(), y, 1.0, cfg=SVMConfig(tol=1e-8, dtype="float64"))
     assert W.dtype == torch.float64

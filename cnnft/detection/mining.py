@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from cnnft.errors import ConfigError
-from cnnft.svm import SVMConfig, train_svms
+from cnnft.svm import SVMConfig, resolved, train_svms
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class MiningConfig:
     # solver tolerance of the retrainings during the pass, which only pick the hard negatives
     # (None: ``tol``); the final retraining always solves to ``tol``
     pass_tol: float | None = 1e-3
+    dtype: str = "auto"  # solver precision (SVMConfig.dtype); "auto" is decided once, on the positives
 
     def __post_init__(self) -> None:
         if not self.c > 0 or self.retrain_limit < 1:
@@ -82,7 +83,7 @@ class MiningConfig:
         tol = self.tol if final or self.pass_tol is None else max(self.tol, self.pass_tol)
         return SVMConfig(c_grid=(self.c,), folds=1, pos_weight=self.pos_weight, bias=self.bias,
                          normalize="none", target_norm=self.target_norm, tol=tol,
-                         max_iter=self.max_iter, solver=self.solver)
+                         max_iter=self.max_iter, solver=self.solver, dtype=self.dtype)
 
 
 @dataclass
@@ -166,7 +167,7 @@ def mine_detectors(positives: Tensor, positive_labels: Tensor, negatives: Iterab
     """
     t0 = time.perf_counter()
     device = torch.device(device)
-    final_svm, pass_svm = cfg.svm(), cfg.svm(final=False)
+    final_svm, pass_svm = (resolved(s, positives) for s in (cfg.svm(), cfg.svm(final=False)))
     labels = positive_labels.to(device, torch.bool)
     classes = labels.shape[1]
     missing = torch.nonzero(~labels.any(0)).flatten().tolist()
@@ -230,6 +231,6 @@ def mine_detectors(positives: Tensor, positive_labels: Tensor, negatives: Iterab
     stats.cached = (cache.ids[P:cache.n].cpu(), cache.mask[P:cache.n].cpu())
     stats.seconds = time.perf_counter() - t0
     log.info("hard-negative mining: %d images, %d retrainings, %d negatives added, %d evicted, "
-             "%d cached at the end, %.1f s", stats.images, stats.retrains, stats.added, stats.evicted,
-             stats.cache_rows, stats.seconds)
+             "%d cached at the end, %.1f s (solver in %s)", stats.images, stats.retrains, stats.added,
+             stats.evicted, stats.cache_rows, stats.seconds, final_svm.dtype)
     return Detectors(W, b, scale)
