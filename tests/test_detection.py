@@ -374,3 +374,20 @@ def test_trained_network_detects_well_above_random_scores_at_pool5_and_fc7(tmp_p
     baseline = _random_score_map(tmp_path, tmp_path / "random")
     assert metrics["detection/pool5/mAP"] > baseline + 0.2, (metrics, baseline)
     assert metrics["detection/relu7/mAP"] > baseline + 0.1, (metrics, baseline)
+
+
+def test_selective_search_is_reproducible_whatever_ran_before(data_dir: Path) -> None:
+    """OpenCV ranks regions with C ``rand()``: the same image and seed give the same boxes in the
+    same order however many images the process computed before; another seed another order."""
+    from cnnft.data.images import load_rgb
+    from cnnft.data.proposals import selective_search
+
+    a, b = (load_rgb(im.path) for im in load_voc(data_dir / "demo" / "VOC2007", "test")[:2])
+    settings = ProposalSettings(min_size=10)
+    first = selective_search(a, settings)
+    for _ in range(2):
+        selective_search(b, settings)
+        np.testing.assert_array_equal(selective_search(a, settings), first)
+    other = selective_search(a, ProposalSettings(min_size=10, seed=1))
+    assert sorted(map(tuple, other.tolist())) == sorted(map(tuple, first.tolist()))
+    assert not np.array_equal(other, first)

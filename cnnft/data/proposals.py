@@ -5,10 +5,18 @@ any setting (mode, minimum size, maximum count, seed) selects another folder, an
 image (its size or modification time) another file, so a cache is never reused for settings or
 pixels it was not made with. Each file is written to a temporary name and renamed.
 Proposals are computed once, in parallel worker processes (one OpenCV thread each).
+
+OpenCV ranks the regions with the C library's ``rand()`` (level x random number, as in the
+selective-search paper), which ``cv2.setRNGSeed`` does not seed: unseeded, the order of the boxes
+(and so which ``max_boxes`` are kept, and which windows a fine-tuning batch draws) depended on
+what the worker process had computed before. ``selective_search`` seeds it before each image.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import multiprocessing as mp
 from collections.abc import Sequence
@@ -35,7 +43,24 @@ class ProposalSettings:
     seed: int = 0
 
     def key(self) -> str:
-        return stable_hash(asdict(self))
+        return stable_hash({**asdict(self), "ranking": "seeded"})  # caches of unseeded runs differ
+
+
+@functools.cache
+def _c_library() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        log.warning("C library %s not found: selective search's box order will not be reproducible", name)
+        return None
+
+
+def _seed_c_rand(seed: int) -> None:
+    """Seed the C library's ``rand()``, which OpenCV's selective search uses to rank regions."""
+    lib = _c_library()
+    if lib is not None:
+        lib.srand(ctypes.c_uint(seed + 1))  # glibc takes 0 for 1: seeds 0 and 1 would coincide
 
 
 def selective_search(image: np.ndarray, settings: ProposalSettings) -> np.ndarray:
@@ -46,6 +71,7 @@ def selective_search(image: np.ndarray, settings: ProposalSettings) -> np.ndarra
         raise DataError(f"proposals.mode={settings.mode!r}; expected 'fast', 'quality' or 'single'")
     cv2.setNumThreads(1)
     cv2.setRNGSeed(settings.seed)
+    _seed_c_rand(settings.seed)
     ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
     ss.setBaseImage(np.ascontiguousarray(image[:, :, ::-1]))  # OpenCV wants BGR
     {"fast": ss.switchToSelectiveSearchFast, "quality": ss.switchToSelectiveSearchQuality,
