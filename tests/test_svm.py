@@ -264,6 +264,9 @@ def test_bad_inputs() -> None:
         SVMConfig(folds=1)
     with pytest.raises(ConfigError, match="c_grid"):
         SVMConfig(c_grid=(0.0, 1.0))
+    with pytest.raises(ConfigError,
+                       match=r"probe dtype='float16'; expected one of \['float32', 'float64', 'auto'\]"):
+        SVMConfig(dtype="float16")
     x, y = random_problem(4, n=20, dim=5)
     with pytest.raises(ValueError, match="labels"):
         train_svms(x, torch.full((20, 2), 2), 1.0, cfg=SVMConfig())
