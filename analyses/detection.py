@@ -20,6 +20,7 @@ from torch import nn
 
 from cnnft.analysis import Analysis, AnalysisContext, save_figure, write_table
 from cnnft.data.proposals import ProposalSettings
+from cnnft.data.transforms import as_mean
 from cnnft.detection.mining import MiningConfig
 from cnnft.detection.pipeline import Ablation, DetectionSettings, run_detection
 from cnnft.probing import map_metrics
@@ -81,7 +82,7 @@ class Detection(Analysis):
         cache = self.proposal_cache or (ctx.cache.root.parent / "proposals" if ctx.cache
                                         else ctx.output_dir / "cache" / "proposals")
         return DetectionSettings(voc_root=ctx.voc_root, crop=ctx.input_size, pad=ctx.context_pad,
-                                 mean=tuple(ctx.mean), proposal_cache=Path(cache),
+                                 mean=as_mean(ctx.mean), proposal_cache=Path(cache),
                                  proposals=self.proposal_settings, compute_missing=self.compute_missing,
                                  proposal_workers=self.proposal_workers, mining=self.mining,
                                  norm_sample_images=self.norm_sample_images, batch_size=ctx.batch_size,

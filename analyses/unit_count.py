@@ -5,9 +5,11 @@ scale, the number of pool5 channels in general) ranks the units by ``|w|`` (Fig.
 retrained on the top ``k`` units alone give the AP(k) curve (Fig. 4), and the smallest ``k``
 reaching 50% and 90% of the AP with all units is Table 6.
 
-Protocol: VOC07 image classification by default (``task: image``; trainval -> test; the
-devkit's difficult-only images are left out of training and evaluation), or ground-truth boxes
-(``task: gtbox``; Fig. 4's caption speaks of ground-truth boxes, Sec. 5.2 of images). Features are
+Protocol: VOC07 ground-truth boxes (``task: gtbox``, the default of
+``conf/analyses/unit_count.yaml``: Fig. 4's caption "classify ground truth bounding boxes"), or
+image classification (``task: image``, the class default here; Sec. 5.2's text speaks of
+classifying an image; trainval -> test; the devkit's difficult-only images are left out of
+training and evaluation). The results JSON records the task (``summary.task``). Features are
 normalised as by the probes (``probe.normalize``, on the full vector, before units are dropped,
 so a subset keeps the magnitudes it had in the full vector); C per class is chosen by
 cross-validation on all units (``cnnft.svm.fit_probe``) and kept for every k. The "full AP" is
@@ -158,7 +160,8 @@ class UnitCount(Analysis):
         metrics = {f"{self.name}/{layer}/full_mAP": float(ap[:, -1].mean()),
                    f"{self.name}/{layer}/mean_k50": float(needed[:, 0].mean()),
                    f"{self.name}/{layer}/mean_k90": float(needed[:, 1].mean())}
-        write_table(ctx, self.name, rows, summary=metrics)
-        write_table(ctx, f"{self.name}_summary", summary_rows, summary=metrics)
+        recorded = {**metrics, "task": self.task, "layer": layer}  # the report labels Fig. 4 by it
+        write_table(ctx, self.name, rows, summary=recorded)
+        write_table(ctx, f"{self.name}_summary", summary_rows, summary=recorded)
         save_figure(ctx, plot_ap_curves(ks, ap, VOC_CLASSES), self.name)
         return metrics

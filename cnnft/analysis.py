@@ -37,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from cnnft.data.transforms import Mean, resolve_mean
 from cnnft.features import FeatureCache
 from cnnft.io import atomic_write, write_json
 
@@ -52,7 +53,7 @@ class AnalysisContext:
     model_key: str
     input_size: int
     context_pad: int
-    mean: tuple[float, ...]
+    mean: Mean  # a mean pixel, or Caffe's mean image (model.mean_image)
     resize: int | None = None
     imagenet_root: Path | None = None
     cache: FeatureCache | None = None
@@ -71,7 +72,7 @@ class AnalysisContext:
         data, model, paths = cfg["data"], cfg["model"], cfg["paths"]
         return cls(output_dir=Path(output_dir), voc_root=Path(data["voc_root"]), model_key=model_key,
                    input_size=model["input_size"], context_pad=model["context_pad"],
-                   mean=tuple(model["mean"]), resize=model.get("resize"),
+                   mean=resolve_mean(model["mean"], model.get("mean_image")), resize=model.get("resize"),
                    imagenet_root=Path(data["imagenet_root"]) if data.get("imagenet_root") else None,
                    cache=FeatureCache(Path(paths["cache_dir"]) / "features"),
                    num_workers=data.get("num_workers", 0), **extra)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnft.analysis import AnalysisContext
 from cnnft.checkpoint import load_pretrained, read_checkpoint
+from cnnft.data.transforms import resolve_mean
 from cnnft.errors import CheckpointError
 from cnnft.features import FeatureCache, file_digest, model_digest
 from cnnft.models.caffenet import CaffeNet
@@ -86,7 +87,7 @@ def analyze(cfg: DictConfig) -> dict[str, dict[str, float]]:
         ctx = AnalysisContext(
             output_dir=target, voc_root=Path(cfg.data.voc_root), model_key=digest,
             input_size=model_cfg["input_size"], context_pad=model_cfg["context_pad"],
-            mean=tuple(model_cfg["mean"]), resize=model_cfg.get("resize"),
+            mean=resolve_mean(model_cfg["mean"], model_cfg.get("mean_image")), resize=model_cfg.get("resize"),
             cache=FeatureCache(Path(cfg.paths.cache_dir) / "features"),
             loggers=loggers, step=ckpt_step if ckpt_step is not None else step,
             batch_size=cfg.batch_size, num_workers=cfg.data.num_workers, device=device,

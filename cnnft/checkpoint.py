@@ -3,7 +3,8 @@
 A cnnft checkpoint is a Lightning checkpoint with a ``"cnnft"`` entry: the package version, the
 architecture (``width``, ``input_size``, ``num_classes``) and the resolved run config. A plain
 state dict with CaffeNet's parameter names (``conv1.weight``, ..., e.g. a converted Caffe model)
-is accepted as pretrained weights too.
+is accepted as pretrained weights too; so is one converted from Caffe's bvlc_reference_caffenet
+(``pretrained_format="caffe"``, see ``caffe_state``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnft.errors import CheckpointError
+from cnnft.errors import CheckpointError, ConfigError
+from cnnft.models.caffenet import PARAM_LAYERS
 
 ARCH_KEYS = ("width", "input_size")
 
@@ -63,8 +65,9 @@ def check_architecture(ckpt: dict[str, Any], path: str | os.PathLike[str],
 
 
 def load_pretrained(model: nn.Module, path: str | os.PathLike[str], *,
-                    skip: tuple[str, ...] = ("fc8",)) -> list[str]:
+                    skip: tuple[str, ...] = ("fc8",), fmt: str = "cnnft") -> list[str]:
     """Copy a checkpoint's weights into ``model`` except the layers in ``skip`` (the new head).
+    ``fmt``: the file's layout, ``"cnnft"`` or ``"caffe"`` (``pretrained_state``).
 
     Returns the loaded parameter names. Raises ``CheckpointError`` on a foreign file, another
     architecture, or a parameter whose name or shape does not fit.
@@ -72,7 +75,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike[str], *,
     ckpt = read_checkpoint(path)
     arch = {"width": getattr(model, "width", None), "input_size": getattr(model, "input_size", None)}
     check_architecture(ckpt, path, arch)
-    state = model_state(ckpt, path)
+    state = pretrained_state(ckpt, path, fmt)
     own = model.state_dict()
     wanted = {k for k in own if k.split(".")[0] not in skip}
     missing = sorted(wanted - set(state))
@@ -83,3 +86,80 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike[str], *,
                               f"{missing}, shape mismatches {shapes}")
     model.load_state_dict({k: state[k] for k in wanted}, strict=False)
     return sorted(wanted)
+
+
+# ---------------------------------------------------------------- pretrained weight layouts
+
+#: ``pretrained_format`` values: cnnft's own layout, or a state dict converted from Caffe.
+PRETRAINED_FORMATS = ("cnnft", "caffe")
+
+#: Caffe's blob order within a layer: blobs[0] are the weights, blobs[1] the biases.
+_CAFFE_BLOBS = {"0": "weight", "1": "bias"}
+
+
+def check_pretrained_format(fmt: str) -> str:
+    """``fmt`` if it is one of ``PRETRAINED_FORMATS``, else a ``ConfigError`` listing them."""
+    if fmt not in PRETRAINED_FORMATS:
+        raise ConfigError(f"pretrained_format={fmt!r}; expected one of {list(PRETRAINED_FORMATS)}")
+    return fmt
+
+
+def state_dict_keys() -> list[str]:
+    """The parameter names of a CaffeNet state dict: ``conv1.weight``, ``conv1.bias``, ..."""
+    return [f"{layer}.{kind}" for layer in PARAM_LAYERS for kind in ("weight", "bias")]
+
+
+def check_layout(state: dict[str, Any], path: str | os.PathLike[str], fmt: str) -> None:
+    """Raise naming the file and the missing/unexpected keys unless ``state`` holds exactly
+    CaffeNet's parameters (``state_dict_keys``) as tensors."""
+    expected = set(state_dict_keys())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    not_tensors = sorted(k for k in expected & set(state) if not isinstance(state[k], torch.Tensor))
+    if missing or unexpected or not_tensors:
+        raise CheckpointError(
+            f"{path} is neither a cnnft checkpoint nor a CaffeNet state dict in the "
+            f"pretrained_format={fmt} layout: missing keys {missing}, unexpected keys {unexpected}"
+            + (f", not tensors {not_tensors}" if not_tensors else "")
+            + f"; expected exactly {state_dict_keys()}")
+
+
+def caffe_state(state: dict[str, Any], path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """A state dict converted from Caffe's bvlc_reference_caffenet, in cnnft's layout.
+
+    Keys are ``<layer>.weight``/``<layer>.bias`` or Caffe's blob indices ``<layer>.0``/``<layer>.1``
+    (layer names as in Caffe's prototxt, which cnnft's are). Caffe's blob shapes are PyTorch's
+    (conv ``[out, in, kh, kw]``, InnerProduct ``[out, in]``, fc6's input pool5 flattened in
+    C, H, W order), its inputs are on the same 0-255 scale with the mean subtracted, but its
+    images are BGR (OpenCV): conv1's input-channel axis is reversed so that the network takes
+    cnnft's RGB images and computes what Caffe computed on the BGR ones.
+    """
+    renamed: dict[str, Any] = {}
+    for key, value in state.items():
+        layer, _, blob = str(key).rpartition(".")
+        renamed[f"{layer}.{_CAFFE_BLOBS.get(blob, blob)}" if layer else str(key)] = value
+    check_layout(renamed, path, "caffe")
+    conv1 = renamed["conv1.weight"]
+    if conv1.dim() != 4 or conv1.shape[1] != 3:
+        raise CheckpointError(f"{path}: conv1.weight has shape {tuple(conv1.shape)}; expected "
+                              "[out, 3 (B, G, R), kh, kw]")
+    return {**renamed, "conv1.weight": conv1.flip(1).contiguous()}
+
+
+def pretrained_state(ckpt: dict[str, Any], path: str | os.PathLike[str],
+                     fmt: str = "cnnft") -> dict[str, torch.Tensor]:
+    """The CaffeNet state dict (cnnft layout, RGB conv1) of a loaded ``pretrained=`` file.
+
+    ``fmt="cnnft"``: a cnnft checkpoint or a bare state dict with exactly CaffeNet's keys;
+    ``fmt="caffe"``: a state dict converted from Caffe (``caffe_state``). There is no reliable
+    automatic choice: both layouts have the same names and shapes and differ only in conv1's
+    channel order.
+    """
+    check_pretrained_format(fmt)
+    if fmt == "caffe":
+        if "cnnft" in ckpt or "state_dict" in ckpt:
+            raise CheckpointError(f"{path} is a cnnft/Lightning checkpoint, not a state dict "
+                                  "converted from Caffe; use pretrained_format=cnnft for it")
+        return caffe_state(ckpt, path)
+    if "cnnft" not in ckpt and "state_dict" not in ckpt:
+        check_layout(ckpt, path, "cnnft")
+    return model_state(ckpt, path)

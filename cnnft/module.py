@@ -24,7 +24,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cnnft import __version__
-from cnnft.checkpoint import load_pretrained
+from cnnft.checkpoint import check_pretrained_format, load_pretrained
 from cnnft.data.sampling import rng_for
 from cnnft.freeze import FreezeScheme, apply_freeze, frozen_modules
 from cnnft.models.caffenet import CaffeNet
@@ -41,6 +41,7 @@ class CaffeNetModule(L.LightningModule):
             (layer -> multiplier; fine-tuning gives the new fc8 10x).
         freeze: a ``FreezeScheme`` as a dict (``name``, ``frozen``, ``reinit``).
         pretrained: checkpoint whose weights initialise every layer but fc8, or None.
+        pretrained_format: its layout, ``cnnft`` or ``caffe`` (``cnnft.checkpoint.pretrained_state``).
         channels_last: run convolutions in NHWC memory format (faster on CPU).
         seed: base of the per-step dropout seeds (exact resume).
         run_config: the resolved run config, stored in every checkpoint.
@@ -48,12 +49,13 @@ class CaffeNetModule(L.LightningModule):
 
     def __init__(self, num_classes: int, net: dict[str, Any], optim: dict[str, Any],
                  freeze: dict[str, Any] | None = None, pretrained: str | None = None,
-                 channels_last: bool = True, seed: int = 0,
+                 pretrained_format: str = "cnnft", channels_last: bool = True, seed: int = 0,
                  run_config: dict[str, Any] | None = None) -> None:
         super().__init__()
+        check_pretrained_format(pretrained_format)
         self.net = CaffeNet(num_classes, **net)
         if pretrained:
-            load_pretrained(self.net, pretrained)
+            load_pretrained(self.net, pretrained, fmt=pretrained_format)
         self.scheme = FreezeScheme(**(freeze or {}))
         apply_freeze(self.net, self.scheme)
         self.optim_cfg, self.seed, self.channels_last = dict(optim), seed, channels_last

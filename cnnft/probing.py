@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cnnft.analysis import Analysis, AnalysisContext, save_figure, write_table
 from cnnft.data.datasets import WholeImageDataset, WindowDataset, collate_skipping
+from cnnft.data.transforms import mean_key
 from cnnft.data.voc import VOC_CLASSES, load_voc, read_class_labels
 from cnnft.errors import DataError
 from cnnft.features import extract_cached
@@ -58,7 +59,7 @@ def image_split(ctx: AnalysisContext, split: str, *, center_crop: bool = False) 
     dataset = WholeImageDataset([im.path for im in images], crop=ctx.input_size, mean=ctx.mean,
                                 resize=resize)
     return ProbeSplit(split, dataset, table == 1, table == 0,
-                      {"kind": "image", "crop": ctx.input_size, "resize": resize, "mean": ctx.mean},
+                      {"kind": "image", "crop": ctx.input_size, "resize": resize, "mean": mean_key(ctx.mean)},
                       files_fingerprint([im.path for im in images]))
 
 
@@ -74,7 +75,8 @@ def gtbox_split(ctx: AnalysisContext, split: str) -> ProbeSplit:
     labels = np.eye(len(VOC_CLASSES), dtype=bool)[classes]
     ignore = np.repeat(difficult[:, None], len(VOC_CLASSES), axis=1)
     return ProbeSplit(split, dataset, labels, ignore,
-                      {"kind": "gtbox", "crop": ctx.input_size, "pad": ctx.context_pad, "mean": ctx.mean},
+                      {"kind": "gtbox", "crop": ctx.input_size, "pad": ctx.context_pad,
+                       "mean": mean_key(ctx.mean)},
                       files_fingerprint([im.path for im in images]))
 
 

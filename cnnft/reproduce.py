@@ -48,7 +48,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cnnft.callbacks import snapshot_name
-from cnnft.checkpoint import model_state, read_checkpoint
+from cnnft.checkpoint import pretrained_state, read_checkpoint
 from cnnft.errors import ConfigError
 from cnnft.io import files_fingerprint, write_json
 from cnnft.train import CONF_DIR
@@ -279,7 +279,7 @@ class Pipeline:
         ckpt = read_checkpoint(path)
         if "cnnft" in ckpt:
             return path
-        state = model_state(ckpt, path)
+        state = pretrained_state(ckpt, path, self.cfg.get("pretrained_format", "cnnft"))
         target = self.root / "pretrained" / "network.ckpt"
         marker = read_marker(target.parent, "wrap")
         if target.is_file() and marker is not None and marker.get("stamp") == file_stamp(path):

@@ -226,3 +226,23 @@ def test_bad_inputs_are_named(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "cnnft.report", str(tmp_path / "nowhere")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "nowhere" in proc.stderr
+
+
+@pytest.mark.parametrize(("tasks", "title"), [
+    (("gtbox", "gtbox"), "GT-box classification"), (("image", "image"), "image classification"),
+    (("image", "gtbox"), "GT-box classification / image classification"),
+    ((None, None), "classification (task not recorded)")])
+def test_figure4_and_table6_name_the_unit_count_task_that_ran(tmp_path: Path, tasks, title) -> None:
+    from cnnft.report.figures import unit_count_task
+    from cnnft.report.tables import table6
+
+    for net, task in zip(("pretrained", "finetune_all"), tasks):
+        out = tmp_path / "analyze" / net
+        summary = {} if task is None else {"task": task}
+        _write(out, "unit_count", [{"class": c, "k": k, "ap": 0.5} for c in VOC_CLASSES for k in (1, 8)],
+               summary)
+        _write(out, "unit_count_summary", [{"class": c, "full_ap": 0.5, "k50": 1, "k90": 8}
+                                           for c in VOC_CLASSES], summary)
+    res = load_results([tmp_path])
+    assert unit_count_task(res) == title
+    assert table6(res).title.endswith(f"ours: {title})")

@@ -62,7 +62,8 @@ class Fakes:
     def train(self, cfg: DictConfig) -> tuple[dict, dict]:
         out = Path(cfg.paths.output_dir)
         self.train_calls.append({"dir": out.name, "resume": cfg.resume, "pretrained": cfg.pretrained,
-                                 "freeze": cfg.freeze.name, "steps": cfg.trainer.max_steps})
+                                 "freeze": cfg.freeze.name, "steps": cfg.trainer.max_steps,
+                                 "format": cfg.pretrained_format})
         if out.name in self.fail:
             raise RuntimeError(f"simulated crash in {out.name}")
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -183,6 +184,23 @@ def test_pretrained_path_skips_pretraining(fakes: Fakes, tmp_path: Path) -> None
     wrapped = read_checkpoint(root / "pretrained" / "network.ckpt")
     assert wrapped["cnnft"]["arch"] == {"width": 0.125, "input_size": 67, "num_classes": 1000}
     assert ("pretrained", "probe_cls") in fakes.analyze_calls
+
+
+def test_caffe_weights_are_converted_for_analysis_and_fine_tuning(fakes: Fakes, tmp_path: Path) -> None:
+    from cnnft.checkpoint import read_checkpoint
+    from cnnft.models.caffenet import CaffeNet
+
+    caffe = CaffeNet(1000, width=0.125, input_size=67).state_dict()
+    weights = tmp_path / "from_caffe.pt"
+    torch.save(caffe, weights)
+    root = tmp_path / "root"
+    reproduce(repro_cfg(root, NO_REPORT, f"pretrained={weights}", "pretrained_format=caffe"),
+              ["model.width=0.125", "model.input_size=67", "pretrained_format=caffe"])
+    assert {c["dir"]: c["format"] for c in fakes.train_calls} == {"finetune_all": "caffe",
+                                                                  "finetune_fc": "caffe"}
+    wrapped = read_checkpoint(root / "pretrained" / "network.ckpt")["state_dict"]
+    assert torch.equal(wrapped["net.conv1.weight"], caffe["conv1.weight"].flip(1))  # BGR -> RGB
+    assert torch.equal(wrapped["net.fc6.weight"], caffe["fc6.weight"])
 
 
 @pytest.mark.slow

@@ -85,6 +85,10 @@ def test_analyze_unit_count_end_to_end(data_dir: Path, tmp_path: Path) -> None:
                                                   and x["k"] == units))
     assert metrics["unit_count/pool5/mean_k90"] == pytest.approx(np.mean([r["k90"] for r in summary]))
     assert (tmp_path / "figures" / "unit_count.png").stat().st_size > 1000
+    # conf/analyses/unit_count.yaml runs the paper's Fig. 4 task (ground-truth boxes) and says so
+    for name in ("unit_count", "unit_count_summary"):
+        recorded = json.loads((tmp_path / "results" / f"{name}.json").read_text())["summary"]
+        assert recorded["task"] == "gtbox" and recorded["layer"] == "pool5"
 
 
 def test_unit_analyses_as_training_callbacks(tiny_cfg, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from cnnft.data.datasets import ClassificationDataset, WindowDataset, collate_sk
 from cnnft.data.imagenet import scan_imagenet
 from cnnft.data.proposals import ProposalSettings, compute_proposals
 from cnnft.data.sampling import EpochSampler, ForegroundBackgroundSampler, StepSampler
+from cnnft.data.transforms import resolve_mean
 from cnnft.data.voc import VOC_CLASSES, VOCImage, load_voc
 from cnnft.data.windows import label_windows
 
@@ -73,11 +74,12 @@ class ImageNetDataModule(_StepDataModule):
     def __init__(self, root: str, *, resize: int = 256, crop: int = 227,
                  mean: Sequence[float] = (122.68, 116.67, 104.01), mirror: bool = True,
                  batch_size: int = 256, eval_batch_size: int | None = None, num_workers: int = 4,
-                 seed: int = 0, skip_corrupt: bool = False, max_val_samples: int | None = None
-                 ) -> None:
+                 seed: int = 0, skip_corrupt: bool = False, max_val_samples: int | None = None,
+                 mean_image: str | None = None) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed,
                          eval_batch_size=eval_batch_size)
-        self.root, self.resize, self.crop, self.mean = Path(root), resize, crop, tuple(mean)
+        self.root, self.resize, self.crop = Path(root), resize, crop
+        self.mean = resolve_mean(mean, mean_image)  # model.mean_image: Caffe's mean image
         self.mirror, self.skip_corrupt, self.max_val_samples = mirror, skip_corrupt, max_val_samples
         self.classes: list[str] = []
 
@@ -138,13 +140,15 @@ class VOCWindowsDataModule(_StepDataModule):
                  mirror: bool = True, batch_size: int = 128, fg_per_batch: int = 32,
                  fg_threshold: float = 0.5, use_difficult: bool = False, val_batches: int = 10,
                  eval_batch_size: int | None = None, num_workers: int = 4,
-                 proposal_workers: int = 2, seed: int = 0, skip_corrupt: bool = False) -> None:
+                 proposal_workers: int = 2, seed: int = 0, skip_corrupt: bool = False,
+                 mean_image: str | None = None) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed,
                          eval_batch_size=eval_batch_size)
         self.root, self.cache_dir = Path(root), Path(cache_dir)
         self.proposal_settings = ProposalSettings(**(proposals or {}))
         self.train_split, self.val_split = train_split, val_split
-        self.crop, self.context_pad, self.mean, self.mirror = crop, context_pad, tuple(mean), mirror
+        self.crop, self.context_pad, self.mirror = crop, context_pad, mirror
+        self.mean = resolve_mean(mean, mean_image)  # model.mean_image: Caffe's mean image
         self.fg_per_batch, self.fg_threshold = fg_per_batch, fg_threshold
         self.use_difficult, self.val_batches = use_difficult, val_batches
         self.proposal_workers, self.skip_corrupt = proposal_workers, skip_corrupt

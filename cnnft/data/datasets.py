@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, default_collate
 
 from cnnft.data.images import load_rgb
 from cnnft.data.sampling import rng_for
-from cnnft.data.transforms import caffe_test_view, caffe_train_view, subtract_mean, to_tensor
+from cnnft.data.transforms import Mean, as_mean, caffe_test_view, caffe_train_view, to_tensor, window_source
 from cnnft.data.windows import warp_boxes
 from cnnft.errors import CorruptImageError
 
@@ -44,9 +44,9 @@ class ClassificationDataset(_SkippingDataset):
     """``(path, class)`` samples with Caffe augmentation (train) or centre crop (eval)."""
 
     def __init__(self, samples: Sequence[tuple[Path, int]], *, resize: int, crop: int,
-                 mean: Sequence[float], train: bool, mirror: bool = True,
+                 mean: Mean | Sequence[float], train: bool, mirror: bool = True,
                  skip_corrupt: bool = False) -> None:
-        self.samples, self.resize, self.crop, self.mean = list(samples), resize, crop, tuple(mean)
+        self.samples, self.resize, self.crop, self.mean = list(samples), resize, crop, as_mean(mean)
         self.train, self.mirror, self.skip_corrupt = train, mirror, skip_corrupt
 
     def __len__(self) -> int:
@@ -74,17 +74,17 @@ class WindowDataset(_SkippingDataset):
     """
 
     def __init__(self, image_paths: Sequence[Path], image_index: np.ndarray, boxes: np.ndarray,
-                 labels: np.ndarray, *, crop: int, pad: int, mean: Sequence[float],
+                 labels: np.ndarray, *, crop: int, pad: int, mean: Mean | Sequence[float],
                  mirror: bool, cache_images: int = 256, skip_corrupt: bool = False) -> None:
         self.image_paths, self.image_index = list(image_paths), np.asarray(image_index)
         self.boxes, self.labels = np.asarray(boxes, np.float32), np.asarray(labels)
-        self.crop, self.pad, self.mean, self.mirror = crop, pad, tuple(mean), mirror
+        self.crop, self.pad, self.mean, self.mirror = crop, pad, as_mean(mean), mirror
         self.skip_corrupt, self.cache_images = skip_corrupt, cache_images
         self._image = lru_cache(maxsize=cache_images)(self._decode)
 
-    def _decode(self, i: int) -> torch.Tensor | None:
+    def _decode(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         image = self._load(self.image_paths[i])
-        return None if image is None else subtract_mean(to_tensor(image), self.mean)
+        return None if image is None else window_source(to_tensor(image), self.mean, self.crop)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -100,14 +100,16 @@ class WindowDataset(_SkippingDataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> Item | None:
         index, seed = key if isinstance(key, tuple) else (key, 0)
-        image = self._image(int(self.image_index[index]))
-        if image is None:
+        source = self._image(int(self.image_index[index]))
+        if source is None:
             return None
-        x = warp_boxes(image, torch.from_numpy(self.boxes[index:index + 1]), crop=self.crop,
-                       pad=self.pad)[0]
-        if self.mirror and rng_for(seed).random() < 0.5:
-            x = x.flip(-1)
-        return x, int(self.labels[index])
+        image, mean_image = source
+        box = torch.from_numpy(self.boxes[index:index + 1])
+        mirror = self.mirror and rng_for(seed).random() < 0.5
+        if mirror and mean_image is not None:
+            mean_image = mean_image.flip(-1)  # WindowDataLayer: mirror, then subtract the mean
+        x = warp_boxes(image, box, crop=self.crop, pad=self.pad, mean_image=mean_image)[0]
+        return (x.flip(-1) if mirror else x), int(self.labels[index])
 
 
 def collate_skipping(items: list[Item | None]) -> dict[str, torch.Tensor | int]:
@@ -126,9 +128,9 @@ class WholeImageDataset(_SkippingDataset):
     """Whole images for image classification probes: warped to ``crop x crop`` (aspect ignored),
     or with ``resize`` given, warped to ``resize x resize`` and centre-cropped to ``crop``."""
 
-    def __init__(self, paths: Sequence[Path], *, crop: int, mean: Sequence[float],
+    def __init__(self, paths: Sequence[Path], *, crop: int, mean: Mean | Sequence[float],
                  resize: int | None = None, skip_corrupt: bool = False) -> None:
-        self.paths, self.crop, self.mean = list(paths), crop, tuple(mean)
+        self.paths, self.crop, self.mean = list(paths), crop, as_mean(mean)
         self.resize, self.skip_corrupt = resize or crop, skip_corrupt
 
     def __len__(self) -> int:

@@ -30,11 +30,15 @@ def context_boxes(boxes: torch.Tensor, crop: int, pad: int) -> torch.Tensor:
 
 
 def warp_boxes(image: torch.Tensor, boxes: torch.Tensor, *, crop: int, pad: int,
-               method: str = "auto") -> torch.Tensor:
+               method: str = "auto", mean_image: torch.Tensor | None = None) -> torch.Tensor:
     """Warp each box of one image to a ``crop x crop`` window with ``pad`` px of context.
 
     Args:
-        image: float ``[3,H,W]``, already mean-subtracted (any device).
+        image: float ``[3,H,W]``, already mean-subtracted (any device), or, with ``mean_image``,
+            not mean-subtracted.
+        mean_image: float ``[3,crop,crop]`` subtracted from the part of each window that lies
+            inside the image (R-CNN's ``rcnn_im_crop``, Caffe's WindowDataLayer with a mean file);
+            see ``cnnft.data.transforms.window_source``.
         boxes: float ``[N,4]`` half-open pixel boxes in ``image``'s coordinates.
         method: ``"batched"`` (every box at once with ``grid_sample``, on the image's device),
             ``"per_box"`` (OpenCV crop + resize one box at a time, as Caffe's WindowDataLayer;
@@ -47,7 +51,7 @@ def warp_boxes(image: torch.Tensor, boxes: torch.Tensor, *, crop: int, pad: int,
     if method == "auto":
         method = "per_box" if image.device.type == "cpu" else "batched"
     if method == "per_box":
-        return _warp_per_box(image, boxes, crop=crop, pad=pad)
+        return _warp_per_box(image, boxes, crop=crop, pad=pad, mean_image=mean_image)
     if method != "batched":
         raise ValueError(f"warp method {method!r}; expected auto, batched or per_box")
     _, h, w = image.shape
@@ -65,10 +69,14 @@ def warp_boxes(image: torch.Tensor, boxes: torch.Tensor, *, crop: int, pad: int,
     pixels, mask = out[:, :3], out[:, 3:]
     inside = mask >= 0.5
     # undo the blend with the zero padding at the image edge (edge pixels are repeated instead)
-    return torch.where(inside, pixels / mask.clamp_min(1e-6), pixels.new_zeros(()))
+    pixels = pixels / mask.clamp_min(1e-6)
+    if mean_image is not None:
+        pixels = pixels - mean_image.to(pixels)
+    return torch.where(inside, pixels, pixels.new_zeros(()))
 
 
-def _warp_per_box(image: torch.Tensor, boxes: torch.Tensor, *, crop: int, pad: int) -> torch.Tensor:
+def _warp_per_box(image: torch.Tensor, boxes: torch.Tensor, *, crop: int, pad: int,
+                  mean_image: torch.Tensor | None = None) -> torch.Tensor:
     """Caffe's crop: grow the box, round it to pixels, resize its part inside the image into
     its place in a zero window. Returns NHWC memory (``channels_last``), as the network runs."""
     if image.device.type != "cpu":
@@ -76,6 +84,7 @@ def _warp_per_box(image: torch.Tensor, boxes: torch.Tensor, *, crop: int, pad: i
     hwc = np.ascontiguousarray(image.permute(1, 2, 0).numpy(), dtype=np.float32)
     h, w = hwc.shape[:2]
     out = np.zeros((len(boxes), crop, crop, 3), np.float32)
+    mean = None if mean_image is None else mean_image.permute(1, 2, 0).cpu().numpy()
     grown = context_boxes(boxes.double().cpu(), crop, pad).round().long().tolist()
     for i, (x1, y1, x2, y2) in enumerate(grown):
         sx, sy = crop / max(x2 - x1, 1), crop / max(y2 - y1, 1)
@@ -87,6 +96,8 @@ def _warp_per_box(image: torch.Tensor, boxes: torch.Tensor, *, crop: int, pad: i
         if ox2 > ox1 and oy2 > oy1:
             out[i, oy1:oy2, ox1:ox2] = cv2.resize(hwc[cy1:cy2, cx1:cx2], (ox2 - ox1, oy2 - oy1),
                                                   interpolation=cv2.INTER_LINEAR)
+            if mean is not None:
+                out[i, oy1:oy2, ox1:ox2] -= mean[oy1:oy2, ox1:ox2]
     return torch.from_numpy(out).permute(0, 3, 1, 2)
 
 

@@ -23,6 +23,7 @@ from torchvision.ops import box_iou
 
 from cnnft.ablations import unroll
 from cnnft.data.proposals import ProposalSettings
+from cnnft.data.transforms import Mean, mean_key
 from cnnft.data.voc import VOC_CLASSES, VOCImage, load_voc
 from cnnft.detection.evaluation import detection_average_precision, top_k_nms
 from cnnft.detection.mining import MiningConfig, MiningStats, mean_norm_scale, mine_detectors
@@ -50,7 +51,7 @@ class DetectionSettings:
     voc_root: Path
     crop: int
     pad: int
-    mean: tuple[float, ...]
+    mean: Mean
     proposal_cache: Path
     proposals: ProposalSettings = field(default_factory=ProposalSettings)
     compute_missing: bool = True
@@ -102,7 +103,7 @@ def build_store(model: nn.Module, regions: Regions, s: DetectionSettings, *, cac
     """pool5 of every window, cached under the digest of the weights up to pool5 (networks that
     differ only after it, e.g. fine-tuned with conv frozen, share the cache)."""
     key = {"model": layer_digests(model)[CACHED_LAYER], "data": f"{s.voc_root}:{regions.split}",
-           "transform": {"kind": "region", "crop": s.crop, "pad": s.pad, "mean": list(s.mean),
+           "transform": {"kind": "region", "crop": s.crop, "pad": s.pad, "mean": mean_key(s.mean),
                          "proposals": asdict(s.proposals), "max_proposals": s.max_proposals,
                          "gt": regions.num_gt != [0] * len(regions.num_gt)}}
     store = RegionStore(regions, cache, key, shard_images=s.shard_images)

@@ -30,7 +30,7 @@ from torchvision.ops import clip_boxes_to_image
 from cnnft.ablations import unroll
 from cnnft.data.images import load_rgb
 from cnnft.data.proposals import ProposalSettings, compute_proposals
-from cnnft.data.transforms import subtract_mean, to_tensor
+from cnnft.data.transforms import Mean, to_tensor, window_source
 from cnnft.data.voc import VOCImage
 from cnnft.data.windows import warp_boxes
 from cnnft.errors import ConfigError
@@ -157,7 +157,7 @@ class RegionStore:
     def _key(self, start: int) -> str:
         return FeatureCache.key(shard=int(start), **self.key_parts)
 
-    def build(self, model: nn.Module, *, crop: int, pad: int, mean: Sequence[float], batch_size: int,
+    def build(self, model: nn.Module, *, crop: int, pad: int, mean: Mean, batch_size: int,
               device: str | torch.device, progress: bool = True) -> RegionStore:
         """Compute and store every missing shard (progress bar over images)."""
         from tqdm import tqdm
@@ -190,15 +190,17 @@ class RegionStore:
         return self
 
     def _image_features(self, net: nn.Module, i: int, out: np.memmap, row: int, *, crop: int,
-                        pad: int, mean: Sequence[float], batch_size: int,
+                        pad: int, mean: Mean, batch_size: int,
                         device: str | torch.device) -> None:
         boxes = torch.from_numpy(self.regions.boxes[i])
         if not len(boxes):
             return
-        image = subtract_mean(to_tensor(load_rgb(self.regions.images[i].path)), mean).to(device)
+        image, mean_image = window_source(to_tensor(load_rgb(self.regions.images[i].path)), mean, crop)
+        image = image.to(device)
         with torch.inference_mode():
             for s in range(0, len(boxes), batch_size):
-                windows = warp_boxes(image, boxes[s:s + batch_size].to(device), crop=crop, pad=pad)
+                windows = warp_boxes(image, boxes[s:s + batch_size].to(device), crop=crop, pad=pad,
+                                     mean_image=mean_image)
                 feats = net.forward_taps(windows, [CACHED_LAYER])[CACHED_LAYER]
                 out[row + s: row + s + len(windows)] = feats.flatten(1).half().cpu().numpy()
 

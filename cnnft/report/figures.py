@@ -52,6 +52,22 @@ def figure1(res: Results) -> Any | None:
     return fig
 
 
+#: What unit_count's ``task`` classifies, as the report names it.
+TASK_TITLE = {"gtbox": "GT-box classification", "image": "image classification"}
+
+
+def unit_count_task(res: Results) -> str:
+    """The task the loaded unit_count results ran (``summary.task``), for titles: one name, both
+    joined with " / " if the networks differ, "classification (task not recorded)" for results
+    written before the task was recorded."""
+    tasks = sorted({res.tables.get(net, {}).get(name, {}).get("summary", {}).get("task") or "?"
+                    for net, _, _ in NETS for name in ("unit_count", "unit_count_summary")
+                    if res.has(net, name)})
+    if not tasks or tasks == ["?"]:
+        return "classification (task not recorded)"
+    return " / ".join(TASK_TITLE.get(t, f"{t} classification") for t in tasks if t != "?")
+
+
 def figure4(res: Results) -> Any | None:
     """AP(k) per class: AP of a linear SVM on the k most important pool-5 filters."""
     if not any(res.has(net, "unit_count") for net, _, _ in NETS):
@@ -69,7 +85,7 @@ def figure4(res: Results) -> Any | None:
     axes[0, 0].legend(fontsize=7)
     fig.supxlabel("number of pool-5 filters k")
     fig.supylabel("AP (%)")
-    fig.suptitle("Fig. 4: GT-box classification AP with the k most important pool-5 filters")
+    fig.suptitle(f"Fig. 4: {unit_count_task(res)} AP with the k most important pool-5 filters")
     fig.tight_layout()
     return fig
 

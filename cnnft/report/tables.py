@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cnnft.report.figures import unit_count_task
 from cnnft.report.load import Results
 from cnnft.report.paper import (
     CLASS_SHORT,
@@ -154,7 +155,7 @@ def table6(res: Results) -> Table:
             ours = {r.get("class"): r.get(f"k{frac}") for r in res.rows(network, "unit_count_summary")}
             rows.append((f"{net} {frac}%", [(_num(ours.get(c)), paper[net][key].get(c)) for c in classes]))
     return Table("table6", "Table 6: pool-5 filters needed for 50% / 90% of the full AP (AN: alex-net, "
-                 "FT: fine-tuned)", "Net AP", list(CLASS_SHORT.values()), rows,
+                 f"FT: fine-tuned; ours: {unit_count_task(res)})", "Net AP", list(CLASS_SHORT.values()), rows,
                  {("unit_count_summary", "pretrained"), ("unit_count_summary", "finetune_all")}, digits=0)
 
 
