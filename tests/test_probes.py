@@ -141,7 +141,7 @@ def test_every_layer_above_chance_and_solvers_agree(snapshot_run: Path, data_dir
         for c in (0.001, 0.1, 10.0):
             W, b = train_svms(x.float(), y, c, cfg=svm, ignore=ignore)
             for k in range(y.shape[1]):
-                reference = xb @ _sk_fit(x.numpy(), y[:, k].numpy(), ~ignore[:, k].numpy(), c, svm)
+                reference = xb @ _sk_fit(x.numpy(), y[:, k].numpy(), ~ignore[:, k].numpy(), c, svm)[0]
                 ours = (x.float().to(W.dtype) @ W[k] + b[k]).double().numpy()
                 gap = ours - reference  # a common offset (the bias, to the solvers' tol) ranks alike
                 # 1e-7: below it scores are equal to the solvers' tol (relu6 at C 1e-3: spread 1e-7)
