@@ -269,7 +269,7 @@ def test_detection_as_training_callback_on_the_fifty_fifty_network(fifty_fifty: 
     assert "detection/pool5/mAP" in (fifty_fifty / "csv" / "metrics.csv").read_text()
 
 
-def test_analyze_detection_writes_results(fifty_fifty: Path, data_dir: Path, tmp_path: Path) -> None:
+def test_analyze_detection_writes_results(fifty_fifty: Path, data_dir: Path, tmp_path: Path, caplog) -> None:
     ckpt = fifty_fifty / "checkpoints" / "last.ckpt"
     cfg = compose_cfg([*TINY_ANALYZE, f"checkpoint={ckpt}", "analyses=[detection]",
                        "layers=[relu4,pool5,relu7]", "ablations=[unroll,spatial_max]"],
@@ -289,6 +289,16 @@ def test_analyze_detection_writes_results(fifty_fifty: Path, data_dir: Path, tmp
     again = analyze(compose_cfg([*TINY_ANALYZE, f"checkpoint={ckpt}", "analyses=[detection]",
                                  "layers=[pool5]"], tmp_path / "again", data_dir, name="analyze"))
     assert again[str(ckpt)]["detection/pool5/mAP"] == pytest.approx(metrics["detection/pool5/mAP"])
+    assert all(r["unconverged_svms"] == 0 for r in rows if r["class"] == "mAP")
+    # a solver stopped at max_iter is logged (layer, class, C) and counted in the results file
+    with caplog.at_level("WARNING", logger="cnnft.svm"):
+        analyze(compose_cfg([*TINY_ANALYZE, f"checkpoint={ckpt}", "analyses=[detection]", "layers=[pool5]",
+                             "analyses.detection.svm.max_iter=1", "analyses.detection.svm.tol=1e-12"],
+                            tmp_path / "capped", data_dir, name="analyze"))
+    capped = json.loads((tmp_path / "capped" / "results" / "detection.json").read_text())["rows"]
+    count = next(r["unconverged_svms"] for r in capped if r["class"] == "mAP")
+    assert count > 0 and "detection layer pool5 retraining 1" in caplog.text
+    assert "SVM solve(s) stopped at max_iter=1 Newton iterations" in caplog.text and "C=0.001" in caplog.text
 
 
 def test_analyze_without_cached_proposals_and_computing_off(data_dir: Path, tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ def test_analyze_probe_cls_and_gtbox(snapshot_run: Path, data_dir: Path, tmp_pat
         # spatial max needs a spatial map: pool5 only
         assert set(means) == {("pool5", "unroll"), ("pool5", "spatial_max"), ("relu7", "unroll")}
         assert all(0.0 <= v <= 1.0 for v in means.values())
+        assert all(isinstance(r["unconverged_svms"], int) for r in rows if r["class"] == "mAP")
         assert len([r for r in rows if r["layer"] == "pool5" and r["ablation"] == "unroll"]) == 21
         assert metrics[f"{name}/pool5/mAP"] == pytest.approx(means[("pool5", "unroll")])
         assert f"{name}/pool5/spatial_max/mAP" in metrics
