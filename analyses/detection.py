@@ -3,10 +3,12 @@ layer at or after pool5 (paper Tables 2, 3, 5, 8).
 
 Per-class SVMs are trained on trainval by hard-negative mining and tested on up to
 ``max_proposals`` selective-search proposals per test image (top ``top_k`` per class and image,
-NMS at ``nms_iou``), scored with the VOC07 detection AP (``cnnft.detection``). Feature ablations
+R-CNN's per-class test-set cap ``max_per_set``, NMS at ``nms_iou``), scored with the VOC07
+detection AP (``cnnft.detection``). Feature ablations
 (``ablations=[...]``, paper Table 5) apply to pool5. Logged keys: ``detection/<layer>/mAP`` and
 ``detection/<layer>/<ablation>/mAP``. Files: ``results/detection.json|csv`` (rows: layer,
-ablation, class, ap; the mAP rows also carry the mining figures) and ``figures/detection.png``
+ablation, class, ap; the mAP rows also carry the mining figures and ``unconverged_svms``) and
+``figures/detection.png``
 (per-class AP bars, one series per layer/ablation).
 """
 
@@ -21,6 +23,7 @@ from torch import nn
 from cnnft.analysis import Analysis, AnalysisContext, save_figure, write_table
 from cnnft.data.proposals import ProposalSettings
 from cnnft.data.transforms import as_mean
+from cnnft.detection.evaluation import max_per_set_value
 from cnnft.detection.mining import MiningConfig
 from cnnft.detection.pipeline import Ablation, DetectionSettings, run_detection
 from cnnft.probing import map_metrics
@@ -59,7 +62,8 @@ class Detection(Analysis):
                  ablations: Mapping[str, Ablation] | None = None, svm: Mapping[str, Any] | None = None,
                  mining: Mapping[str, Any] | None = None, proposals: Mapping[str, Any] | None = None,
                  max_proposals: int = 2000, train_split: str = "trainval", test_split: str = "test",
-                 top_k: int = 100, nms_iou: float = 0.3, match_iou: float = 0.5, ap_mode: str = "voc07",
+                 top_k: int = 100, max_per_set: int | str | None = "rcnn",
+                 nms_iou: float = 0.3, match_iou: float = 0.5, ap_mode: str = "voc07",
                  norm_sample_images: int = 100, shard_images: int = 64, seed: int = 0,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -74,8 +78,10 @@ class Detection(Analysis):
         self.compute_missing = bool(props.pop("compute_missing", True))
         self.proposal_workers = int(props.pop("workers", 2))
         self.proposal_settings = ProposalSettings(**props)
+        max_per_set_value(max_per_set, 1)  # refused here, before anything runs
         self.options = dict(max_proposals=max_proposals, train_split=train_split, test_split=test_split,
-                            top_k=top_k, nms_iou=nms_iou, match_iou=match_iou, ap_mode=ap_mode,
+                            top_k=top_k, max_per_set=max_per_set, nms_iou=nms_iou, match_iou=match_iou,
+                            ap_mode=ap_mode,
                             shard_images=shard_images, seed=seed)
 
     def settings(self, ctx: AnalysisContext) -> DetectionSettings:

@@ -31,7 +31,7 @@ from cnnft.features import extract_cached
 from cnnft.io import files_fingerprint
 from cnnft.metrics import mean_average_precision
 from cnnft.models.caffenet import PROBE_LAYERS
-from cnnft.svm import SVMConfig, fit_probe
+from cnnft.svm import SolveLabel, SVMConfig, fit_probe
 
 Ablation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -120,13 +120,17 @@ def run_probes(model: nn.Module, train: ProbeSplit, test: ProbeSplit, *, layers:
                 continue
             xtr = ablation(train_x[layer]).flatten(1)
             xte = ablation(test_x[layer]).flatten(1)
-            probe = fit_probe(xtr, torch.from_numpy(train.labels), cfg=svm, ignore=ignore)
+            solves: dict = {}
+            label = SolveLabel(f"probe {train.transform['kind']} layer {layer} ablation {name}", VOC_CLASSES)
+            probe = fit_probe(xtr, torch.from_numpy(train.labels), cfg=svm, ignore=ignore, stats=solves,
+                              label=label)
             scores = probe.decision_function(xte)
             per_class, mean = mean_average_precision(scores, test.labels, difficult=test.ignore,
                                                      mode=ap_mode)
             rows += [{"layer": layer, "ablation": name, "class": cls, "ap": float(ap),
                       "c": float(c)} for cls, ap, c in zip(VOC_CLASSES, per_class, probe.c, strict=True)]
-            rows.append({"layer": layer, "ablation": name, "class": "mAP", "ap": mean, "c": None})
+            rows.append({"layer": layer, "ablation": name, "class": "mAP", "ap": mean, "c": None,
+                         "unconverged_svms": solves.get("unconverged", 0)})
     return rows
 
 
@@ -167,7 +171,8 @@ class ProbeAnalysis(Analysis):
     """Linear-SVM probes of ``layers`` on VOC07 trainval -> test (see ``run_probes``).
 
     Logged keys: ``<name>/<layer>/mAP`` (plain features) and ``<name>/<layer>/<ablation>/mAP``.
-    Files: ``results/<name>.json|csv`` (per layer, ablation, class: AP and chosen C) and
+    Files: ``results/<name>.json|csv`` (per layer, ablation, class: AP and chosen C; the mAP rows
+    carry ``unconverged_svms``, the SVM solves stopped at ``max_iter``) and
     ``figures/<name>.png`` (mAP by layer).
     """
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 from cnnft.analyze import analyze
 from cnnft.data.proposals import ProposalSettings, compute_proposals
-from cnnft.data.voc import VOC_CLASSES, load_voc
+from cnnft.data.voc import VOC_CLASSES, VOCImage, load_voc
 from cnnft.detection import (
     MiningConfig,
     MiningStats,
@@ -23,8 +24,9 @@ from cnnft.detection import (
     mine_detectors,
     top_k_nms,
 )
-from cnnft.detection.pipeline import check_classes
-from cnnft.errors import DataError
+from cnnft.detection.evaluation import max_per_set_value, nms_per_class, set_thresholds
+from cnnft.detection.pipeline import as_training_windows, check_classes, positive_labels
+from cnnft.errors import ConfigError, DataError
 from cnnft.train import train
 from tests.conftest import TINY_DATA, TINY_RUN, compose_cfg
 
@@ -176,7 +178,9 @@ def test_hard_negative_mining_keeps_hard_and_evicts_easy(warm_start: bool) -> No
                        torch.cat([torch.ones(35, 1, dtype=torch.bool), torch.zeros(1, 1, dtype=torch.bool)])))
         kinds.append(["easy"] * 30 + ["hard"] * 5 + ["positive"])
     features = [(torch.cat([x, torch.ones_like(x)], 1), m) for x, m in images]  # bias-like 2nd dim
-    cfg = MiningConfig(c=1.0, bias=1.0, retrain_limit=20, warm_start=warm_start)
+    # squared hinge: with the hinge the inseparable hard negatives pin the easy ones at margin
+    # ~1 (score ~ -1, above the eviction threshold), which is not what this test is about
+    cfg = MiningConfig(c=1.0, bias=1.0, retrain_limit=20, warm_start=warm_start, loss="squared_hinge")
     stats = MiningStats()
     det = mine_detectors(torch.cat([pos, torch.ones_like(pos)], 1), torch.ones(20, 1, dtype=torch.bool),
                          iter(features), scale=1.0, cfg=cfg, stats=stats)
@@ -265,7 +269,7 @@ def test_detection_as_training_callback_on_the_fifty_fifty_network(fifty_fifty: 
     assert "detection/pool5/mAP" in (fifty_fifty / "csv" / "metrics.csv").read_text()
 
 
-def test_analyze_detection_writes_results(fifty_fifty: Path, data_dir: Path, tmp_path: Path) -> None:
+def test_analyze_detection_writes_results(fifty_fifty: Path, data_dir: Path, tmp_path: Path, caplog) -> None:
     ckpt = fifty_fifty / "checkpoints" / "last.ckpt"
     cfg = compose_cfg([*TINY_ANALYZE, f"checkpoint={ckpt}", "analyses=[detection]",
                        "layers=[relu4,pool5,relu7]", "ablations=[unroll,spatial_max]"],
@@ -285,6 +289,16 @@ def test_analyze_detection_writes_results(fifty_fifty: Path, data_dir: Path, tmp
     again = analyze(compose_cfg([*TINY_ANALYZE, f"checkpoint={ckpt}", "analyses=[detection]",
                                  "layers=[pool5]"], tmp_path / "again", data_dir, name="analyze"))
     assert again[str(ckpt)]["detection/pool5/mAP"] == pytest.approx(metrics["detection/pool5/mAP"])
+    assert all(r["unconverged_svms"] == 0 for r in rows if r["class"] == "mAP")
+    # a solver stopped at max_iter is logged (layer, class, C) and counted in the results file
+    with caplog.at_level("WARNING", logger="cnnft.svm"):
+        analyze(compose_cfg([*TINY_ANALYZE, f"checkpoint={ckpt}", "analyses=[detection]", "layers=[pool5]",
+                             "analyses.detection.svm.max_iter=1", "analyses.detection.svm.tol=1e-12"],
+                            tmp_path / "capped", data_dir, name="analyze"))
+    capped = json.loads((tmp_path / "capped" / "results" / "detection.json").read_text())["rows"]
+    count = next(r["unconverged_svms"] for r in capped if r["class"] == "mAP")
+    assert count > 0 and "detection layer pool5 retraining 1" in caplog.text
+    assert "SVM solve(s) stopped at max_iter=1 Newton iterations" in caplog.text and "C=0.001" in caplog.text
 
 
 def test_analyze_without_cached_proposals_and_computing_off(data_dir: Path, tmp_path: Path) -> None:
@@ -391,3 +405,51 @@ def test_selective_search_is_reproducible_whatever_ran_before(data_dir: Path) ->
     other = selective_search(a, ProposalSettings(min_size=10, seed=1))
     assert sorted(map(tuple, other.tolist())) == sorted(map(tuple, first.tolist()))
     assert not np.array_equal(other, first)
+
+
+# ----------------------------------------------------------------------------- R-CNN's test-time rules
+
+
+def test_nms_keeps_a_box_at_exactly_the_threshold() -> None:
+    """R-CNN's nms.m suppresses only IoU > 0.3: integer boxes with IoU exactly 0.3 (30 / 100) are
+    both kept (float32 rounds that IoU above 0.3 and dropped the second), IoU 0.31 is dropped."""
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 3, 10], [0, 0, 10, 3.1], [50, 50, 60, 60]])
+    scores = torch.tensor([[1.0, 0.0], [0.5, 0.0], [0.4, 0.0], [0.3, 1.0]])
+    (b0, s0), (b1, s1) = top_k_nms(boxes, scores, top_k=4, nms_iou=0.3)
+    assert s0.tolist() == pytest.approx([1.0, 0.5, 0.3])
+    assert b0[1].tolist() == [0, 0, 3, 10]
+    assert s1.tolist() == pytest.approx([1.0, 0.0, 0.0]) and len(b1) == 3  # class 1: 4 boxes, one tie-dropped
+
+
+def test_max_per_set_keeps_the_top_scores_of_each_class_over_the_test_set() -> None:
+    assert max_per_set_value("rcnn", 25) == 1000  # ceil(100000 / 2500) per image
+    assert max_per_set_value(None, 25) is None and max_per_set_value(7, 25) == 7
+    for bad in ("all", 0, -3, 2.5, True):
+        with pytest.raises(ConfigError, match=r"max_per_set=.*expected 'rcnn', a positive integer or null"):
+            max_per_set_value(bad, 25)
+    # two images, two classes: class 0 has 5 candidates, class 1 has 2
+    cand = [torch.tensor([[5.0, 1.0], [3.0, -1.0], [1.0, -9.0]]), torch.tensor([[4.0, -9.0], [3.0, -9.0]])]
+    floor = set_thresholds(cand, 3, 2)
+    assert floor[0].item() == 3.0  # top 3 of {5, 4, 3, 3, 1}: the tie at 3 is kept
+    assert floor[1].item() == 3.0 or floor[1].item() == -9.0
+    assert set_thresholds(cand, None, 2).isinf().all() and set_thresholds(cand, 10, 2).isinf().all()
+    far = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]])
+    kept = nms_per_class(far[:, None].expand(3, 2, 4), cand[0], nms_iou=0.3,
+                         min_score=torch.tensor([3.0, -math.inf]))
+    assert kept[0][1].tolist() == [5.0, 3.0] and kept[1][1].tolist() == [1.0, -1.0, -9.0]
+
+
+def test_difficult_boxes_are_detection_positives() -> None:
+    boxes = np.array([[0, 0, 40, 40], [50, 10, 90, 70]], np.float32)
+    im = VOCImage("000001", Path("000001.jpg"), 100, 80, boxes, np.array([3, 7]), np.array([False, True]),
+                  np.array([False, False]))
+    props = {im.image_id: np.array([[0, 0, 20, 20]], np.float32)}
+    plain = make_regions([im], props, split="trainval", max_proposals=10, include_gt=True)
+    train = make_regions(as_training_windows([im]), props, split="trainval", max_proposals=10,
+                         include_gt=True)
+    assert plain.num_gt == [1]  # the windows as make_regions leaves them: difficult box out
+    assert train.num_gt == [2]  # every ground-truth box, difficult included (R-CNN)
+    assert train.boxes[0][1].tolist() == [50, 10, 90, 70]
+    labels = positive_labels(train.images[0])
+    assert labels.shape == (2, len(VOC_CLASSES)) and labels.int().argmax(1).tolist() == [3, 7]
+    assert im.difficult.tolist() == [False, True]  # the input keeps its flags (evaluation reads them)

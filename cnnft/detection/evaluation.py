@@ -22,12 +22,14 @@ A class without any non-difficult ground-truth box has no defined AP: ``ValueErr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torchvision.ops import batched_nms, box_iou
 
+from cnnft.errors import ConfigError
 from cnnft.metrics import interpolated_ap, precision_recall
 
 #: one image's ``(boxes [N, 4], scores [N])`` detections or ``(boxes [M, 4], difficult [M])`` truth
@@ -105,21 +107,72 @@ def detection_average_precision(detections: Sequence[Boxes], ground_truth: Seque
     return interpolated_ap(precision, true_positives / npos, mode=mode)
 
 
+#: R-CNN's ``rcnn_test.m``: "heuristic that yields at most 100k pre-NMS boxes per 2500 images"
+MAX_PER_SET_PER_IMAGE = -(-100000 // 2500)  # ceil: 40
+
+
+def max_per_set_value(value: int | str | None, num_images: int) -> int | None:
+    """The per-class test-set cap that ``max_per_set`` asks for: ``"rcnn"`` -> R-CNN's
+    ``ceil(100000 / 2500) * num_images``, an int >= 1 as given, None (off). ConfigError otherwise."""
+    if value is None:
+        return None
+    if value == "rcnn":
+        return MAX_PER_SET_PER_IMAGE * num_images
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ConfigError(f"detection max_per_set={value!r}; expected 'rcnn', a positive integer or null")
+
+
+def top_k_candidates(boxes: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class, the ``k`` highest-scoring boxes of one image: ``boxes`` [N, 4] shared by the
+    classes, ``scores`` [N, K] -> ``(boxes [t, K, 4], scores [t, K])``, ``t = min(k, N)``, in
+    decreasing score order per class."""
+    val, idx = scores.topk(min(k, scores.shape[0]), dim=0)
+    return boxes[idx], val
+
+
+def set_thresholds(candidate_scores: Sequence[torch.Tensor], max_per_set: int | None,
+                   num_classes: int) -> torch.Tensor:
+    """R-CNN's test-set cap (``rcnn_test.m``): per class, the score of the ``max_per_set``-th best
+    of all images' candidates ([t_i, K] each, after the per-image top-k): boxes scoring below it
+    are dropped (ties kept). ``-inf`` where a class has at most ``max_per_set`` candidates or
+    the cap is off (None). R-CNN computes the same threshold streaming (a running threshold
+    that filters later images, then a final pruning below the last one)."""
+    out = torch.full((num_classes,), -math.inf, dtype=torch.float64)
+    if max_per_set is None or not candidate_scores:
+        return out
+    allsc = torch.cat([c.to(torch.float64) for c in candidate_scores])  # [sum t_i, K]
+    if len(allsc) > max_per_set:
+        out = allsc.topk(max_per_set, dim=0).values[-1]
+    return out
+
+
+def nms_per_class(boxes: torch.Tensor, scores: torch.Tensor, *, nms_iou: float = 0.3,
+                  min_score: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Greedy NMS per class of one image's candidates ``(boxes [t, K, 4], scores [t, K])``, after
+    dropping those below ``min_score`` [K]. A box is suppressed only when its IoU with a kept box
+    is > ``nms_iou`` (R-CNN's ``nms.m`` keeps ``o <= overlap``; ``torchvision.ops.batched_nms``
+    drops IoU > threshold): computed in float64, where the IoU of integer boxes that equals the
+    threshold exactly is the threshold's own double, so such a box is kept (in float32, IoU 0.3
+    rounds above the threshold and was dropped). Returns K pairs ``(boxes [n_k, 4],
+    scores [n_k])`` in decreasing score order."""
+    t, k = scores.shape
+    cls = torch.arange(k, device=scores.device).expand(t, k).flatten()
+    flat_boxes, flat_scores = boxes.reshape(-1, 4), scores.flatten()
+    if min_score is not None:
+        keep = flat_scores.to(torch.float64) >= min_score.to(scores.device)[cls]
+        flat_boxes, flat_scores, cls = flat_boxes[keep], flat_scores[keep], cls[keep]
+    kept = batched_nms(flat_boxes.double(), flat_scores.double(), cls, nms_iou)
+    kept_cls = cls[kept]
+    return [(flat_boxes[kept[kept_cls == c]], flat_scores[kept[kept_cls == c]]) for c in range(k)]
+
+
 def top_k_nms(boxes: torch.Tensor, scores: torch.Tensor, *, top_k: int = 100,
               nms_iou: float = 0.3) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per class, the ``top_k`` highest-scoring boxes of one image after greedy NMS at ``nms_iou``.
 
     ``boxes`` [N, 4] are shared by all classes, ``scores`` [N, K]. Returns K pairs
     ``(boxes [n_k, 4], scores [n_k])`` in decreasing score order (R-CNN: top boxes first, then
-    NMS; ``torchvision.ops.batched_nms`` does all classes at once)."""
-    n, k = scores.shape
-    top = min(top_k, n)
-    if top == 0:
-        empty = (boxes.new_zeros(0, 4), scores.new_zeros(0))
-        return [empty] * k
-    val, idx = scores.topk(top, dim=0)  # [top, K]
-    cls = torch.arange(k, device=scores.device).expand(top, k)
-    flat_boxes, flat_scores, flat_cls = boxes[idx.flatten()], val.flatten(), cls.flatten()
-    kept = batched_nms(flat_boxes.float(), flat_scores.float(), flat_cls, nms_iou)
-    kept_cls = flat_cls[kept]
-    return [(flat_boxes[kept[kept_cls == c]], flat_scores[kept[kept_cls == c]]) for c in range(k)]
+    NMS, ``nms_per_class``)."""
+    cand_boxes, cand_scores = top_k_candidates(boxes, scores, top_k)
+    return nms_per_class(cand_boxes, cand_scores, nms_iou=nms_iou)

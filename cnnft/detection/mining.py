@@ -2,7 +2,8 @@
 
 Recipe (R-CNN ``rcnn_train.m``; DESIGN.md "Evaluation protocols"), all classes at once:
 
-- positives of class k: the (non-difficult) ground-truth boxes of class k;
+- positives of class k: every ground-truth box of class k, "difficult" ones included (R-CNN's
+  ``roidb_from_voc.m`` keeps every object; evaluation still ignores them);
 - candidate negatives of class k: windows whose IoU with every box of class k (difficult ones
   included, so that a window on a difficult object is never a negative) is below ``neg_iou``
   (0.3). Ground-truth boxes of other classes are windows like any other, as in R-CNN;
@@ -14,9 +15,12 @@ Recipe (R-CNN ``rcnn_train.m``; DESIGN.md "Evaluation protocols"), all classes a
   (-1.2); retrain once more at the end. The retrainings during the pass only choose which
   negatives are hard: they solve to a looser tolerance (``pass_tol``, 1e-3, still far tighter
   than liblinear's default 0.1 that R-CNN used), the final one to ``tol``;
-- squared-hinge linear SVMs (``cnnft.svm.train_svms``) with C = 1e-3, positive weight 2, bias
-  feature 10, on features multiplied by one scale that makes their mean norm 20 (estimated on
-  a sample of training windows).
+- hinge-loss linear SVMs (``cnnft.svm.train_svms`` with ``loss="hinge"``: liblinear ``-s 3``,
+  R-CNN's ``liblinear_type = 3``; ``svm.loss=squared_hinge`` for ``-s 2``) with C = 1e-3,
+  positive weight 2, bias feature 10, on features multiplied by one scale that makes their
+  mean norm 20 (estimated on a sample of training windows; R-CNN's ``rcnn_feature_stats.m``
+  samples 200 windows of 200 images). A solve that stops at ``max_iter`` is logged with the
+  class and C and counted in ``MiningStats.unconverged``.
 
 Storage and solves: every class keeps its own negative set, but the sets live in one shared row
 buffer with a ``[rows, classes]`` membership mask, so negatives hard for several classes are
@@ -28,23 +32,20 @@ about 2 of the 20 classes, so one batched problem over all rows with per-class w
 the arithmetic. The pass is linear in the number of images while the cache stays bounded;
 when eviction does not keep it bounded (weak early detectors: the demo's cache grows with the
 images), each retraining costs more as the pass goes on.
-
-Note: R-CNN trains with liblinear's L1-loss (hinge) solver; the project's solver minimises the
-squared hinge (L2-loss), liblinear's ``-s 2`` objective.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from cnnft.errors import ConfigError
-from cnnft.svm import SVMConfig, resolved, train_svms
+from cnnft.svm import SolveLabel, SVMConfig, resolved, train_svms
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class MiningConfig:
     # (None: ``tol``); the final retraining always solves to ``tol``
     pass_tol: float | None = 1e-3
     dtype: str = "auto"  # solver precision (SVMConfig.dtype); "auto" is decided once, on the positives
+    loss: str = "hinge"  # R-CNN: liblinear -s 3 (hinge); "squared_hinge": -s 2
+    hinge_smoothing: float = 0.01  # SVMConfig.hinge_smoothing
 
     def __post_init__(self) -> None:
         if not self.c > 0 or self.retrain_limit < 1:
@@ -78,12 +81,14 @@ class MiningConfig:
             raise ConfigError(f"mining.evict_threshold={self.evict_threshold} must be <= "
                               f"hard_threshold={self.hard_threshold} (else new hard negatives are "
                               "evicted at once)")
+        self.svm()  # SVMConfig validates loss, weights and tolerances
 
     def svm(self, final: bool = True) -> SVMConfig:
         tol = self.tol if final or self.pass_tol is None else max(self.tol, self.pass_tol)
         return SVMConfig(c_grid=(self.c,), folds=1, pos_weight=self.pos_weight, bias=self.bias,
                          normalize="none", target_norm=self.target_norm, tol=tol,
-                         max_iter=self.max_iter, solver=self.solver, dtype=self.dtype)
+                         max_iter=self.max_iter, solver=self.solver, dtype=self.dtype, loss=self.loss,
+                         hinge_smoothing=self.hinge_smoothing)
 
 
 @dataclass
@@ -108,6 +113,8 @@ class MiningStats:
     cache_rows: int = 0
     cache_per_class: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    #: SVM solves (one per class and retraining) that stopped at max_iter above their tolerance
+    unconverged: int = 0
     #: the final cache: ``(ids [n, 2] of (image number in the stream, window row), mask [n, K])``
     cached: tuple[Tensor, Tensor] | None = None
 
@@ -155,7 +162,8 @@ def mean_norm_scale(samples: Iterable[Tensor], target_norm: float) -> float:
 @torch.no_grad()
 def mine_detectors(positives: Tensor, positive_labels: Tensor, negatives: Iterable[tuple[Tensor, Tensor]],
                    *, scale: float, cfg: MiningConfig, device: str | torch.device = "cpu",
-                   stats: MiningStats | None = None) -> Detectors:
+                   stats: MiningStats | None = None, where: str = "detection",
+                   class_names: Sequence[str] | None = None) -> Detectors:
     """Train one detector per class by hard-negative mining (see the module doc).
 
     Args:
@@ -164,6 +172,7 @@ def mine_detectors(positives: Tensor, positive_labels: Tensor, negatives: Iterab
         negatives: per training image, ``(features [n, D], candidate [n, K])``: the image's
             windows and which of them are candidate negatives of each class. Streamed once.
         scale: feature multiplier (``mean_norm_scale``).
+        where, class_names: how non-convergence warnings name the run (e.g. the layer) and classes.
     """
     t0 = time.perf_counter()
     device = torch.device(device)
@@ -194,11 +203,14 @@ def mine_detectors(positives: Tensor, positive_labels: Tensor, negatives: Iterab
 
     def retrain(W: Tensor, b: Tensor, svm: SVMConfig) -> tuple[Tensor, Tensor]:
         W, b = W.clone(), b.clone()
+        solves: dict = {}
         for k in range(classes):  # each class on its own rows: a cached row belongs to few classes
             x = cache.x[:cache.n][cache.mask[:cache.n, k]]  # its positives, then its negatives
             y = torch.arange(len(x), device=device) < per_class_pos[k]
             start = (W[k:k + 1], b[k:k + 1]) if cfg.warm_start else None
-            Wk, bk = train_svms(x, y, cfg.c, cfg=svm, init=start, augmented=True)
+            label = SolveLabel(f"{where} retraining {stats.retrains + 1}",
+                               classes=[class_names[k] if class_names is not None else f"#{k}"])
+            Wk, bk = train_svms(x, y, cfg.c, cfg=svm, init=start, augmented=True, stats=solves, label=label)
             W[k], b[k] = Wk[0].float(), bk[0].float()
         # evict easy negatives, per class (rows after the positives)
         z = cache.x[P:cache.n] @ torch.cat([W, (b / svm_bias)[:, None]], 1).T
@@ -207,6 +219,7 @@ def mine_detectors(positives: Tensor, positive_labels: Tensor, negatives: Iterab
         cache.mask[P:cache.n] &= ~easy
         cache.keep(cache.mask[:cache.n].any(1))  # positives hold their class: always kept
         stats.retrains += 1
+        stats.unconverged += solves.get("unconverged", 0)
         return W, b
 
     for image, (x, candidate) in enumerate(negatives):
@@ -231,6 +244,7 @@ def mine_detectors(positives: Tensor, positive_labels: Tensor, negatives: Iterab
     stats.cached = (cache.ids[P:cache.n].cpu(), cache.mask[P:cache.n].cpu())
     stats.seconds = time.perf_counter() - t0
     log.info("hard-negative mining: %d images, %d retrainings, %d negatives added, %d evicted, "
-             "%d cached at the end, %.1f s (solver in %s)", stats.images, stats.retrains, stats.added,
-             stats.evicted, stats.cache_rows, stats.seconds, final_svm.dtype)
+             "%d cached at the end, %.1f s (solver in %s, %s loss; %d solve(s) stopped at max_iter)",
+             stats.images, stats.retrains, stats.added, stats.evicted, stats.cache_rows, stats.seconds,
+             final_svm.dtype, final_svm.loss, stats.unconverged)
     return Detectors(W, b, scale)

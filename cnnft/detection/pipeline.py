@@ -2,17 +2,19 @@
 
 ``run_detection`` builds (or loads) the cached pool5 region features of both splits, then for
 every layer and ablation: estimates the feature scale, trains the detectors by hard-negative
-mining (``cnnft.detection.mining``), scores every test proposal, keeps per class the top boxes
-of each image after NMS, and evaluates the VOC07 detection AP per class
-(``cnnft.detection.evaluation``). Returns rows ``{layer, ablation, class, ap}`` plus a
-``class == "mAP"`` row per (layer, ablation) carrying the mining figures.
+mining (``cnnft.detection.mining``; every ground-truth box is a positive, "difficult" ones
+included, as R-CNN), scores every test proposal, keeps per class the top boxes of each image,
+drops those below R-CNN's per-class test-set cap (``max_per_set``), applies NMS, and evaluates
+the VOC07 detection AP per class (``cnnft.detection.evaluation``). Returns rows
+``{layer, ablation, class, ap}`` plus a ``class == "mAP"`` row per (layer, ablation) carrying the
+mining figures (with ``unconverged_svms``, the SVM solves that stopped at ``max_iter``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,13 @@ from cnnft.ablations import unroll
 from cnnft.data.proposals import ProposalSettings
 from cnnft.data.transforms import Mean, mean_key
 from cnnft.data.voc import VOC_CLASSES, VOCImage, load_voc
-from cnnft.detection.evaluation import detection_average_precision, top_k_nms
+from cnnft.detection.evaluation import (
+    detection_average_precision,
+    max_per_set_value,
+    nms_per_class,
+    set_thresholds,
+    top_k_candidates,
+)
 from cnnft.detection.mining import MiningConfig, MiningStats, mean_norm_scale, mine_detectors
 from cnnft.detection.regions import (
     CACHED_LAYER,
@@ -62,6 +70,9 @@ class DetectionSettings:
     mining: MiningConfig = field(default_factory=MiningConfig)
     norm_sample_images: int = 100
     top_k: int = 100
+    # R-CNN's per-class test-set cap (rcnn_test.m, always on there): "rcnn" = 40 per test image,
+    # an int, or None (off)
+    max_per_set: int | str | None = "rcnn"
     nms_iou: float = 0.3
     match_iou: float = 0.5
     ap_mode: str = "voc07"
@@ -93,9 +104,18 @@ def candidate_negatives(boxes: np.ndarray, im: VOCImage, neg_iou: float) -> torc
 
 
 def positive_labels(im: VOCImage) -> torch.Tensor:
-    """bool [num non-difficult gt, K]: the class of each ground-truth window (``Regions`` order)."""
-    labels = torch.from_numpy(im.labels[~im.difficult])
+    """bool [num gt, K]: the class of each ground-truth window (``Regions`` order), "difficult"
+    boxes included (``as_training_windows``)."""
+    labels = torch.from_numpy(im.labels)
     return torch.nn.functional.one_hot(labels, len(VOC_CLASSES)).bool()
+
+
+def as_training_windows(images: Sequence[VOCImage]) -> list[VOCImage]:
+    """The training images with no box flagged "difficult": R-CNN trains its detectors on every
+    ground-truth box (``roidb_from_voc.m`` keeps every object, ``rcnn_train.m`` takes each one of
+    class k as a positive), while ``make_regions`` leaves difficult boxes out of the windows.
+    Only the training windows use these; evaluation reads the test split's own flags."""
+    return [replace(im, difficult=np.zeros_like(im.difficult)) for im in images]
 
 
 def build_store(model: nn.Module, regions: Regions, s: DetectionSettings, *, cache: FeatureCache,
@@ -105,7 +125,8 @@ def build_store(model: nn.Module, regions: Regions, s: DetectionSettings, *, cac
     key = {"model": layer_digests(model)[CACHED_LAYER], "data": f"{s.voc_root}:{regions.split}",
            "transform": {"kind": "region", "crop": s.crop, "pad": s.pad, "mean": mean_key(s.mean),
                          "proposals": asdict(s.proposals), "max_proposals": s.max_proposals,
-                         "gt": regions.num_gt != [0] * len(regions.num_gt)}}
+                         "gt": "all, difficult included" if regions.num_gt != [0] * len(regions.num_gt)
+                         else False}}
     store = RegionStore(regions, cache, key, shard_images=s.shard_images)
     return store.build(model, crop=s.crop, pad=s.pad, mean=s.mean, batch_size=s.batch_size,
                        device=device, progress=progress)
@@ -116,7 +137,7 @@ def _on(device: str, feats: Callable[[torch.Tensor], torch.Tensor]) -> Callable[
 
 
 def train_detectors(train: RegionStore, feats: Callable[[torch.Tensor], torch.Tensor],
-                    s: DetectionSettings, device: str, stats: MiningStats):
+                    s: DetectionSettings, device: str, stats: MiningStats, where: str = "detection"):
     """Scale estimate, positives, then the mining pass over the training images."""
     images = train.regions.images
     rng = np.random.default_rng(s.seed)
@@ -133,19 +154,25 @@ def train_detectors(train: RegionStore, feats: Callable[[torch.Tensor], torch.Te
             yield feats(p5), candidate_negatives(train.regions.boxes[i], images[i], s.mining.neg_iou)
 
     return mine_detectors(torch.cat(pos), torch.cat(pos_labels), negatives(), scale=scale,
-                          cfg=s.mining, device=device, stats=stats)
+                          cfg=s.mining, device=device, stats=stats, where=where, class_names=VOC_CLASSES)
 
 
 def evaluate(test: RegionStore, feats: Callable[[torch.Tensor], torch.Tensor], detectors,
              s: DetectionSettings) -> np.ndarray:
-    """Per-class VOC detection AP of the detectors on every test image."""
-    per_class: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in VOC_CLASSES]
+    """Per-class VOC detection AP of the detectors on every test image: per image and class the
+    ``top_k`` boxes, then the test-set cap (``max_per_set``), then NMS (R-CNN's order)."""
+    images = test.regions.images
+    candidates = []  # per image (boxes [t, K, 4], scores [t, K]): 100 x 20 per image at most
     for i, p5 in test.images():
         boxes = torch.from_numpy(test.regions.boxes[i])
         scores = detectors.scores(feats(p5)).cpu() if len(p5) else torch.zeros(0, len(VOC_CLASSES))
-        for k, dets in enumerate(top_k_nms(boxes, scores, top_k=s.top_k, nms_iou=s.nms_iou)):
+        candidates.append(top_k_candidates(boxes, scores, s.top_k))
+    cap = max_per_set_value(s.max_per_set, len(images))
+    floor = set_thresholds([c[1] for c in candidates], cap, len(VOC_CLASSES))
+    per_class: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in VOC_CLASSES]
+    for boxes, scores in candidates:
+        for k, dets in enumerate(nms_per_class(boxes, scores, nms_iou=s.nms_iou, min_score=floor)):
             per_class[k].append(dets)
-    images = test.regions.images
     return np.array([detection_average_precision(
         per_class[k], [(im.boxes[im.labels == k], im.difficult[im.labels == k]) for im in images],
         iou=s.match_iou, mode=s.ap_mode) for k in range(len(VOC_CLASSES))])
@@ -161,11 +188,13 @@ def run_detection(model: nn.Module, *, layers: Sequence[str], ablations: Mapping
     net = getattr(model, "net", model)
     layers = check_detection_layers(net, layers)
     cache = cache or default_cache(output_dir)
+    max_per_set_value(s.max_per_set, 1)  # a bad value fails before any work
     splits = {}
     for split, gt, purpose in ((s.train_split, True, "to train its detector (positives)"),
                                (s.test_split, False, "for its test AP")):
         images = load_voc(s.voc_root, split)
         check_classes(images, split, s.voc_root, purpose)
+        images = as_training_windows(images) if gt else images
         regions = split_regions(images, split, cache_dir=s.proposal_cache, settings=s.proposals,
                                 max_proposals=s.max_proposals, include_gt=gt,
                                 compute_missing=s.compute_missing, workers=s.proposal_workers,
@@ -181,12 +210,13 @@ def run_detection(model: nn.Module, *, layers: Sequence[str], ablations: Mapping
                 continue
             feats = _on(device, layer_transform(net, layer, ablation or unroll))
             stats = MiningStats()
-            detectors = train_detectors(splits[s.train_split], feats, s, device, stats)
+            where = f"detection layer {layer}" + ("" if name == "unroll" else f" ablation {name}")
+            detectors = train_detectors(splits[s.train_split], feats, s, device, stats, where)
             ap = evaluate(splits[s.test_split], feats, detectors, s)
             rows += [{"layer": layer, "ablation": name, "class": cls, "ap": float(v)}
                      for cls, v in zip(VOC_CLASSES, ap, strict=True)]
             rows.append({"layer": layer, "ablation": name, "class": "mAP", "ap": float(ap.mean()),
                          "retrains": stats.retrains, "cached_negatives": stats.cache_rows,
-                         "mining_s": round(stats.seconds, 3)})
+                         "mining_s": round(stats.seconds, 3), "unconverged_svms": stats.unconverged})
             log.info("detection %s/%s: mAP %.4f", layer, name, ap.mean())
     return rows
