@@ -82,13 +82,14 @@ class ResumableWandbLogger(WandbLogger):
     """Lightning's WandbLogger for one training run across kills and resumes.
 
     cnnft-train passes the run's W&B id (kept in the checkpoint's config) with
-    ``resume="allow"``, so every resume continues the same W&B run. W&B cannot rewind a run's
-    history offline (``resume_from`` needs the server), and offline each resume writes a new
-    segment ``wandb/offline-run-*-<id>`` that ``wandb sync --append`` joins only if their steps
-    are disjoint. So this logger records the last step it sent (``wandb/cnnft_last_step.json``
-    in ``save_dir``) and, resumed, sends only later steps: the steps between the checkpoint and
-    that one are recomputed by the resumed run (the CSV holds the recomputed rows) and W&B
-    keeps the values the interrupted run sent, equal under deterministic training.
+    ``resume="allow"``, so every resume continues the same W&B run. Online, W&B resumes the
+    run's history on the server. Offline, W&B can neither resume nor rewind (``resume_from``
+    needs the server): each resume writes another segment ``wandb/offline-run-*-<id>`` with the
+    same id, whose own history starts again. Either way this logger records the last step it
+    sent (``wandb/cnnft_last_step.json`` in ``save_dir``) and, resumed, sends only later steps,
+    so no step reaches the run twice: the steps between the checkpoint and that one are
+    recomputed by the resumed run (the CSV holds the recomputed rows) and W&B keeps the values
+    the interrupted run sent (equal under deterministic training).
     """
 
     MARKER = "cnnft_last_step.json"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from cnnft.io import atomic_write
@@ -31,7 +32,8 @@ R = TypeVar("R")
 
 def write_hydra_records(cfg: DictConfig, output_dir: Path, subdir: str = ".hydra") -> None:
     """Hydra's run records (the job's config, Hydra's config and the overrides) as it writes
-    them, for a job whose ``hydra.output_subdir`` is null."""
+    them, for a job whose ``hydra.output_subdir`` is null. Rank zero only: Lightning's DDP
+    launcher starts the other ranks with ``hydra.output_subdir=null`` too."""
     hydra_cfg = HydraConfig.instance().cfg
     records = {"config.yaml": cfg, "hydra.yaml": hydra_cfg,
                "overrides.yaml": hydra_cfg.hydra.overrides.task}  # type: ignore[union-attr]
@@ -90,7 +92,7 @@ def task_wrapper(accept: Callable[[DictConfig], Any] | None = None
                     accept(cfg)
                 if HydraConfig.initialized():
                     hydra_cfg = HydraConfig.get()
-                    if hydra_cfg.output_subdir is None:
+                    if hydra_cfg.output_subdir is None and rank_zero_only.rank == 0:
                         write_hydra_records(cfg, Path(hydra_cfg.runtime.output_dir))
                     handler = open_job_log()
                 try:

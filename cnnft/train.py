@@ -144,8 +144,8 @@ def build_loggers(cfg: DictConfig, output_dir: Path, resume_step: int | None = N
     return loggers
 
 
-def csv_rows_through(text: str, last_step: int | None) -> str:
-    """The rows of a ``metrics.csv`` text logged at steps up to ``last_step`` (all if None).
+def csv_rows_before(text: str, step: int | None) -> str:
+    """The rows of a ``metrics.csv`` text logged before ``step`` (all rows if None).
 
     Lightning logs the batch that takes ``global_step`` from k to k+1, and the validation
     after it, at step k. A checkpoint at ``global_step`` s holds the batches of rows < s (and
@@ -155,13 +155,13 @@ def csv_rows_through(text: str, last_step: int | None) -> str:
     import csv
     import io
 
-    if last_step is None:
+    if step is None:
         return text
     rows = list(csv.reader(io.StringIO(text)))
     if not rows or "step" not in rows[0]:
         return text
     col = rows[0].index("step")
-    kept = [rows[0], *(r for r in rows[1:] if r[col] != "" and int(float(r[col])) < last_step)]
+    kept = [rows[0], *(r for r in rows[1:] if r[col] != "" and int(float(r[col])) < step)]
     out = io.StringIO()
     csv.writer(out, lineterminator="\n").writerows(kept)
     return out.getvalue()
@@ -169,14 +169,14 @@ def csv_rows_through(text: str, last_step: int | None) -> str:
 
 def keep_csv_rows(logger: L.pytorch.loggers.CSVLogger, resume_step: int | None = None) -> None:
     """Resuming into a run keeps the rows its ``metrics.csv`` already holds, except those the
-    resumed run logs again (from the checkpoint's step on, see :func:`csv_rows_through`):
+    resumed run logs again (from the checkpoint's step on, see :func:`csv_rows_before`):
     Lightning's writer deletes the file when it starts, so the rows are put back (and their
     header adopted) right after; new rows append."""
     import csv
 
     previous = Path(logger.log_dir) / "metrics.csv"
     if rank_zero_only.rank == 0 and previous.is_file():
-        text = csv_rows_through(previous.read_text(), resume_step)
+        text = csv_rows_before(previous.read_text(), resume_step)
         writer = logger.experiment  # Lightning's writer starts here and deletes the file
         atomic_write(previous, lambda tmp: tmp.write_text(text))
         writer.metrics_keys = next(csv.reader(text.splitlines()[:1]), [])

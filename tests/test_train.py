@@ -338,3 +338,12 @@ def test_last_checkpoint_is_the_network_trained(tiny_cfg, tmp_path: Path) -> Non
     assert final.keys() == snapshot.keys() == memory.keys()
     for k in final:
         assert torch.equal(final[k], snapshot[k]) and torch.equal(final[k], memory[k]), k
+
+
+def test_csv_rows_before_checkpoint_step() -> None:
+    from cnnft.train import csv_rows_before
+
+    text = ("epoch,step,train/loss,val/top1\n0,2,0.5,\n0,2,,0.1\n0,3,0.4,\n0,4,0.3,\n"
+            "0,4,,0.2\n")
+    assert csv_rows_before(text, 4) == "epoch,step,train/loss,val/top1\n0,2,0.5,\n0,2,,0.1\n0,3,0.4,\n"
+    assert csv_rows_before(text, None) == text
