@@ -43,18 +43,17 @@ def write_hydra_records(cfg: DictConfig, output_dir: Path, subdir: str = ".hydra
 
 
 def open_job_log() -> logging.Handler | None:
-    """Attach Hydra's job-log file handler (``hydra.job_logging.handlers.file``) to the root
-    logger, unless a handler already writes that file; returns the handler attached."""
-    logging_cfg = HydraConfig.get().job_logging
-    node = OmegaConf.select(logging_cfg, "handlers.file")
-    if node is None:
-        return None
-    filename = Path(node.filename).resolve()
+    """Attach the job log ``<run dir>/<job name>.log`` (where Hydra's job-log file handler
+    writes) to the root logger, formatted as Hydra's, unless a handler already writes it;
+    returns the handler attached."""
+    hydra_cfg = HydraConfig.get()
+    filename = (Path(hydra_cfg.runtime.output_dir) / f"{hydra_cfg.job.name}.log").resolve()
     root = logging.getLogger()
     if any(getattr(h, "baseFilename", None) == str(filename) for h in root.handlers):
         return None
     handler = logging.FileHandler(filename, encoding="utf-8")
-    fmt = OmegaConf.select(logging_cfg, f"formatters.{node.get('formatter')}.format")
+    fmt = OmegaConf.select(hydra_cfg, "job_logging.formatters.simple.format",
+                           default="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
     return handler

@@ -347,3 +347,33 @@ def test_csv_rows_before_checkpoint_step() -> None:
             "0,4,,0.2\n")
     assert csv_rows_before(text, 4) == "epoch,step,train/loss,val/top1\n0,2,0.5,\n0,2,,0.1\n0,3,0.4,\n"
     assert csv_rows_before(text, None) == text
+
+
+def test_task_wrapper_logs_failure_to_the_job_log(tmp_path: Path) -> None:
+    """cnnft-analyze's job log (Hydra's own file handler) gets a failure's error and traceback."""
+    import logging
+
+    from cnnft.task import task_wrapper
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(["checkpoint=random"], tmp_path / "job", tmp_path, name="analyze")
+    log_file = tmp_path / "job" / f"{HydraConfig.get().job.name}.log"
+    log_file.parent.mkdir(parents=True)
+    handler = logging.FileHandler(log_file)  # as Hydra attaches it for cnnft-analyze
+    logging.getLogger().addHandler(handler)
+
+    @task_wrapper()
+    def job(cfg: object) -> None:
+        raise ValueError("bad value 42")
+
+    try:
+        with pytest.raises(ValueError, match="bad value 42"):
+            job(cfg)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    text = log_file.read_text()
+    assert "job failed: ValueError: bad value 42" in text
+    assert "Traceback (most recent call last)" in text and 'raise ValueError("bad value 42")' in text
+    assert text.count("job failed") == 1
+    assert not (tmp_path / "job" / ".hydra").exists()  # Hydra writes cnnft-analyze's records
