@@ -26,6 +26,7 @@ from cnnft.data.transforms import resolve_mean
 from cnnft.errors import CheckpointError
 from cnnft.features import FeatureCache, file_digest, model_digest
 from cnnft.models.caffenet import CaffeNet
+from cnnft.task import task_wrapper
 from cnnft.train import CONF_DIR, build, build_loggers, prepare_demo_data
 
 log = logging.getLogger(__name__)
@@ -109,14 +110,9 @@ def analyze(cfg: DictConfig) -> dict[str, dict[str, float]]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="analyze")
+@task_wrapper()
 def main(cfg: DictConfig) -> None:
-    try:
-        analyze(cfg)
-    finally:
-        import sys
-
-        if "wandb" in sys.modules:
-            sys.modules["wandb"].finish()
+    analyze(cfg)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,15 @@ from cnnft.models.caffenet import PARAM_LAYERS
 ARCH_KEYS = ("width", "input_size")
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a checkpoint file with ``weights_only=True``; clear errors for missing/bad files."""
+def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint file with ``weights_only=True``; clear errors for missing/bad files.
+    ``mmap=True`` maps the tensors instead of reading them (cheap when only the metadata is
+    needed)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises several types for foreign or corrupt files
         raise CheckpointError(f"cannot read checkpoint {path} with weights_only=True: {e}") from e
     if not isinstance(ckpt, dict):

@@ -17,13 +17,14 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cnnft.callbacks import AtomicCheckpointIO
 from cnnft.checkpoint import read_checkpoint
 from cnnft.data.demo import DemoSpec, generate_demo
 from cnnft.errors import CnnftError, ConfigError
 from cnnft.io import atomic_write
+from cnnft.task import task_wrapper
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Path | None:
     if not last.exists():
         raise ConfigError(f"resume=true but {last} does not exist; expected the run directory "
                           "of an earlier cnnft-train job as hydra.run.dir")
-    saved = read_checkpoint(last).get("cnnft", {}).get("config")
+    saved = read_checkpoint(last, mmap=True).get("cnnft", {}).get("config")
     if saved is None:
         raise ConfigError(f"{last} is not a cnnft checkpoint; cannot resume from it")
     now = plain(cfg)
@@ -81,6 +82,29 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Path | None:
         raise ConfigError(f"{output_dir} holds another run: its config differs from this one in "
                           f"{differ}; resume with the same settings or choose another directory")
     return last
+
+
+def checkpoint_state(path: Path | None) -> tuple[int | None, dict[str, Any]]:
+    """The global step and the run config stored in a resume checkpoint (None, {} without)."""
+    if path is None:
+        return None, {}
+    ckpt = read_checkpoint(path, mmap=True)
+    return int(ckpt["global_step"]), ckpt.get("cnnft", {}).get("config") or {}
+
+
+def keep_wandb_run(cfg: DictConfig, saved: dict[str, Any]) -> None:
+    """One training run = one W&B run: give a W&B logger the run id stored in the resumed
+    checkpoint's config (a new id for a new run) and ``resume="allow"``. The id lands in the
+    run config, hence in every checkpoint and ``config.yaml``."""
+    import secrets
+
+    logger = cfg.get("logger")
+    if not logger or "WandbLogger" not in str(logger.get("_target_", "")):
+        return
+    run_id = logger.get("id") or _select(saved, "logger.id") or secrets.token_hex(4)
+    with open_dict(logger):
+        logger.id = run_id
+        logger.resume = logger.get("resume") or "allow"
 
 
 def demo_spec(cfg: DictConfig) -> DemoSpec:
@@ -99,35 +123,62 @@ def prepare_demo_data(cfg: DictConfig) -> None:
         generate_demo(Path(cfg.paths.data_dir) / "demo", demo_spec(cfg))
 
 
-def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
-    """The configured logger, plus a CSV copy of the metrics; CSV alone if W&B is missing."""
+def build_loggers(cfg: DictConfig, output_dir: Path, resume_step: int | None = None) -> list:
+    """The configured logger, plus a CSV copy of the metrics; CSV alone if W&B is missing.
+    ``resume_step``: the step of the checkpoint a resumed run starts from (its CSV keeps the
+    rows up to it)."""
     loggers = []
     if cfg.get("logger"):
         try:
             loggers.append(instantiate(cfg.logger))
-        except (ImportError, ModuleNotFoundError) as e:
-            log.warning("logger %s unavailable (%s); falling back to CSV", cfg.logger._target_, e)
+        except (ImportError, ModuleNotFoundError, InstantiationException) as e:
+            cause = e.__cause__ if isinstance(e, InstantiationException) else e
+            if not isinstance(cause, (ImportError, ModuleNotFoundError)):
+                raise
+            log.warning("logger %s unavailable (%s); falling back to CSV", cfg.logger._target_, cause)
     if not any(isinstance(lg, L.pytorch.loggers.CSVLogger) for lg in loggers):
         loggers.append(L.pytorch.loggers.CSVLogger(output_dir, name="csv", version=""))
     for logger in loggers:
         if isinstance(logger, L.pytorch.loggers.CSVLogger):
-            keep_csv_rows(logger)
+            keep_csv_rows(logger, resume_step)
     return loggers
 
 
-def keep_csv_rows(logger: L.pytorch.loggers.CSVLogger) -> None:
-    """Resuming into a run keeps the rows its ``metrics.csv`` already holds: Lightning's writer
-    deletes the file when it starts, so the rows are put back (and their header adopted) right
-    after; new rows append."""
-    import csv
+def csv_rows_before(text: str, step: int | None) -> str:
+    """The rows of a ``metrics.csv`` text logged before ``step`` (all rows if None).
 
-    from lightning.pytorch.utilities import rank_zero_only
+    Lightning logs the batch that takes ``global_step`` from k to k+1, and the validation
+    after it, at step k. A checkpoint at ``global_step`` s holds the batches of rows < s (and
+    the validation of row s-1 is not run again); the resumed run logs rows >= s again, so they
+    go.
+    """
+    import csv
+    import io
+
+    if step is None:
+        return text
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows or "step" not in rows[0]:
+        return text
+    col = rows[0].index("step")
+    kept = [rows[0], *(r for r in rows[1:] if r[col] != "" and int(float(r[col])) < step)]
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(kept)
+    return out.getvalue()
+
+
+def keep_csv_rows(logger: L.pytorch.loggers.CSVLogger, resume_step: int | None = None) -> None:
+    """Resuming into a run keeps the rows its ``metrics.csv`` already holds, except those the
+    resumed run logs again (from the checkpoint's step on, see :func:`csv_rows_before`):
+    Lightning's writer deletes the file when it starts, so the rows are put back (and their
+    header adopted) right after; new rows append."""
+    import csv
 
     previous = Path(logger.log_dir) / "metrics.csv"
     if rank_zero_only.rank == 0 and previous.is_file():
-        text = previous.read_text()
+        text = csv_rows_before(previous.read_text(), resume_step)
         writer = logger.experiment  # Lightning's writer starts here and deletes the file
-        previous.write_text(text)
+        atomic_write(previous, lambda tmp: tmp.write_text(text))
         writer.metrics_keys = next(csv.reader(text.splitlines()[:1]), [])
 
 
@@ -150,6 +201,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         raise ConfigError("stage=finetune needs pretrained=PATH: a cnnft checkpoint (e.g. "
                           "outputs/pretrain/<run>/checkpoints/last.ckpt) or a CaffeNet state dict")
     ckpt_path = resume_checkpoint(cfg, output_dir)
+    resume_step, saved = checkpoint_state(ckpt_path)
+    keep_wandb_run(cfg, saved)
     L.seed_everything(cfg.seed, workers=True)
     # Caffe's small initial weights make early activations denormal on the CPU: up to 6x slower
     torch.set_flush_denormal(bool(cfg.get("flush_denormal", True)))
@@ -157,7 +210,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule = build(cfg.datamodule)
     module = build(cfg.module, num_classes=datamodule.num_classes, freeze=plain(cfg.freeze),
                          run_config=plain(cfg), _convert_="all", _recursive_=False)
-    loggers = build_loggers(cfg, output_dir)
+    loggers = build_loggers(cfg, output_dir, resume_step)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers,
                                      plugins=[AtomicCheckpointIO()])
     save_config(cfg, output_dir)
@@ -166,15 +219,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    try:
-        metrics, _ = train(cfg)
-    finally:
-        import sys
+def accept_run(cfg: DictConfig) -> None:
+    """Refuse the job before anything is written if its directory holds another run."""
+    resume_checkpoint(cfg, Path(cfg.paths.output_dir))
 
-        if "wandb" in sys.modules:  # never let multirun jobs merge into one W&B run
-            sys.modules["wandb"].finish()
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@task_wrapper(accept=accept_run)
+def main(cfg: DictConfig) -> float | None:
+    metrics, _ = train(cfg)
     return metrics.get("val/top1")
 
 

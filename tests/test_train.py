@@ -207,3 +207,173 @@ def test_cli_help_runs() -> None:
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
     assert "freeze: all, fc, upto_conv1" in out.stdout
     assert "stage: finetune, pretrain" in out.stdout and "scale: demo, paper" in out.stdout
+
+
+# ---------------------------------------------------------------- reliability (issue 14)
+
+
+def _cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run the ``cnnft-train`` console script on this tree."""
+    import os
+
+    script = Path(sys.executable).parent / "cnnft-train"
+    env = {**os.environ, "PYTHONPATH": str(CONF.parent)}
+    return subprocess.run([str(script), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, check=False)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_kill_between_checkpoints_logs_each_step_once(tiny_cfg, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed at step 5 (checkpoint at 3) and resumed: metrics.csv has every step once, and the
+    resumed run continues the same (offline) W&B run without sending a step twice."""
+    from wandb.sdk.wandb_run import Run
+
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    sent: list[tuple[str, int, bool]] = []
+    log = Run.log
+
+    def spy(self: Run, data: dict, *args: object, **kwargs: object) -> None:
+        if "trainer/global_step" in data:
+            sent.append((self.id, int(data["trainer/global_step"]), "train/loss" in data))
+        return log(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "log", spy)
+    common = ("logger=wandb", "trainer.deterministic=true", "recipe.pretrain.checkpoint_every=3")
+    run = tmp_path / "crashed"
+    cfg = tiny_cfg(*common, "+callbacks.crash._target_=tests.crash.CrashAt",
+                   "+callbacks.crash.step=5", output_dir=run)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg)
+    import wandb
+
+    wandb.finish()
+    first = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert first["global_step"] == 3
+    train(tiny_cfg(*common, "resume=true", output_dir=run))
+    wandb.finish()
+
+    with (run / "csv" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    train_steps = [int(r["step"]) for r in rows if r["train/loss"]]
+    val_steps = [int(r["step"]) for r in rows if r["val/top1"]]
+    assert train_steps == [0, 1, 2, 3, 4, 5]
+    assert val_steps == [2, 5]
+
+    run_id = first["cnnft"]["config"]["logger"]["id"]
+    last = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert last["cnnft"]["config"]["logger"]["id"] == run_id
+    assert OmegaConf.load(run / "config.yaml").logger.id == run_id
+    segments = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2 and all(p.name.endswith(f"-{run_id}") for p in segments)
+    assert {rid for rid, _, _ in sent} == {run_id}
+    assert sorted(step for _, step, is_train in sent if is_train) == [0, 1, 2, 3, 4, 5]
+
+
+def test_csv_fallback_without_wandb(tiny_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning.pytorch.loggers.wandb as lightning_wandb
+
+    monkeypatch.setattr(lightning_wandb, "_WANDB_AVAILABLE", False)
+    cfg = tiny_cfg("logger=wandb", "recipe.pretrain.max_steps=2")
+    metrics, objs = train(cfg)
+    assert [type(lg).__name__ for lg in objs["trainer"].loggers] == ["CSVLogger"]
+    assert "train/loss" in (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text()
+
+
+def test_refused_resume_touches_nothing(pretrained: Path, data_dir: Path, tmp_path: Path) -> None:
+    """resume=true into another run's directory is refused, and every file there (its
+    .hydra/ records and train.log included) stays byte-identical."""
+    import shutil
+
+    from tests.conftest import TINY_RUN
+
+    run = tmp_path / "other"
+    shutil.copytree(pretrained.parents[1], run)
+    (run / ".hydra").mkdir()
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        (run / ".hydra" / name).write_text(f"# the other run's {name}\nstage: pretrain\n")
+    (run / "train.log").write_text("[the other run's log]\n")
+    before = _files(run)
+    out = _cli(*TINY_RUN, f"paths.data_dir={data_dir}", f"hydra.run.dir={run}", "resume=true",
+               "seed=7")
+    assert out.returncode != 0
+    assert "holds another run" in out.stderr and "'seed'" in out.stderr
+    assert _files(run) == before
+
+
+def test_failed_run_writes_error_to_its_log(data_dir: Path, tmp_path: Path) -> None:
+    """A run that fails after starting leaves its error and traceback in train.log (and its
+    .hydra/ records, written once the run was accepted)."""
+    from tests.conftest import TINY_RUN
+
+    run = tmp_path / "failing"
+    out = _cli(*TINY_RUN, f"paths.data_dir={data_dir}", f"hydra.run.dir={run}",
+               "data.generate_demo=false", f"data.imagenet_root={tmp_path}/nowhere")
+    assert out.returncode != 0 and "nowhere" in out.stderr
+    text = (run / "train.log").read_text()
+    assert "job failed: DataError" in text and f"{tmp_path}/nowhere" in text
+    assert "Traceback (most recent call last)" in text
+    assert OmegaConf.load(run / ".hydra" / "config.yaml").data.imagenet_root == f"{tmp_path}/nowhere"
+    assert "data.generate_demo=false" in OmegaConf.load(run / ".hydra" / "overrides.yaml")
+    assert OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra.job.name == "train"
+
+
+def test_last_checkpoint_is_the_network_trained(tiny_cfg, tmp_path: Path) -> None:
+    """max_steps 7 with checkpoint_every 3: last.ckpt holds step 7, the final snapshot's and the
+    in-memory network's weights."""
+    run = tmp_path / "run"
+    _, objs = train(tiny_cfg("recipe.pretrain.max_steps=7", "recipe.pretrain.checkpoint_every=3",
+                             "recipe.pretrain.snapshots=[2,7]", output_dir=run))
+    last = run / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(last)["global_step"] == 7
+    assert read_checkpoint(run / "snapshots" / "iter_0000007.ckpt")["global_step"] == 7
+    final, snapshot = _weights(last), _weights(run / "snapshots" / "iter_0000007.ckpt")
+    memory = objs["module"].net.state_dict()
+    assert final.keys() == snapshot.keys() == memory.keys()
+    for k in final:
+        assert torch.equal(final[k], snapshot[k]) and torch.equal(final[k], memory[k]), k
+
+
+def test_csv_rows_before_checkpoint_step() -> None:
+    from cnnft.train import csv_rows_before
+
+    text = ("epoch,step,train/loss,val/top1\n0,2,0.5,\n0,2,,0.1\n0,3,0.4,\n0,4,0.3,\n"
+            "0,4,,0.2\n")
+    assert csv_rows_before(text, 4) == "epoch,step,train/loss,val/top1\n0,2,0.5,\n0,2,,0.1\n0,3,0.4,\n"
+    assert csv_rows_before(text, None) == text
+
+
+def test_task_wrapper_logs_failure_to_the_job_log(tmp_path: Path) -> None:
+    """cnnft-analyze's job log (Hydra's own file handler) gets a failure's error and traceback."""
+    import logging
+
+    from cnnft.task import task_wrapper
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(["checkpoint=random"], tmp_path / "job", tmp_path, name="analyze")
+    log_file = tmp_path / "job" / f"{HydraConfig.get().job.name}.log"
+    log_file.parent.mkdir(parents=True)
+    handler = logging.FileHandler(log_file)  # as Hydra attaches it for cnnft-analyze
+    logging.getLogger().addHandler(handler)
+
+    @task_wrapper()
+    def job(cfg: object) -> None:
+        raise ValueError("bad value 42")
+
+    try:
+        with pytest.raises(ValueError, match="bad value 42"):
+            job(cfg)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    text = log_file.read_text()
+    assert "job failed: ValueError: bad value 42" in text
+    assert "Traceback (most recent call last)" in text and 'raise ValueError("bad value 42")' in text
+    assert text.count("job failed") == 1
+    assert not (tmp_path / "job" / ".hydra").exists()  # Hydra writes cnnft-analyze's records
