@@ -17,6 +17,8 @@ Under DDP each process's loss is the mean over its equal share of the global bat
 averages the gradients over processes, so the gradient is that of the global batch's mean
 loss, as with one process. Dropout masks are keyed by (seed, step, position in the global
 batch) (``cnnft.models.dropout``), so they do not depend on the number of processes either.
+(Images skipped as corrupt, ``skip_corrupt``, leave a process's share short: that step's
+gradient then weights the processes' samples slightly unequally.)
 """
 
 from __future__ import annotations

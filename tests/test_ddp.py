@@ -141,3 +141,27 @@ def test_global_batch_dropout_masks_do_not_depend_on_the_split() -> None:
         assert not torch.equal(net(x), whole)
     net.eval()
     assert torch.equal(net(x), net[2](net[0](x)))
+
+
+def test_validation_shards_neither_duplicate_nor_drop(data_dir: Path) -> None:
+    """Two ranks' validation loaders cover the 9 images once between them (a padding sampler
+    would give one image to both), in shards that ``features.extract`` gathers by index."""
+    from types import SimpleNamespace
+
+    from cnnft.data.datamodules import ImageNetDataModule
+    from cnnft.features import merge_shards
+
+    dm = ImageNetDataModule(str(data_dir / "demo" / "imagenet"), resize=76, crop=67,
+                            num_workers=0, batch_size=4, max_val_samples=9)
+    dm.setup()
+    shards = []
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, global_step=0)
+        loader = dm.val_dataloader()
+        indices = list(loader.sampler)
+        labels = torch.cat([b["labels"] for b in loader])
+        shards.append((indices, labels))
+    assert sorted(i for ind, _ in shards for i in ind) == list(range(9))
+    assert [len(ind) for ind, _ in shards] == [5, 4]
+    every = torch.tensor([label for _, label in dm.val_set.samples])
+    assert torch.equal(merge_shards(shards, 9), every)
