@@ -3,7 +3,8 @@
 Logged keys:
 
 =====================  ==================================================
-``train/loss``         cross-entropy of the training batch (each step)
+``train/loss``         cross-entropy of the global training batch (each step;
+                       under DDP the mean of the processes' equal shares)
 ``train/lr``           the base learning rate (each layer's is a multiple of it)
 ``train/skipped``      images skipped as corrupt so far (``skip_corrupt``)
 ``val/loss``           mean cross-entropy on the validation set
@@ -11,6 +12,13 @@ Logged keys:
 ``val/class_acc``      mean over classes of per-class accuracy (background
                        dominates fine-tuning windows; this does not let it)
 =====================  ==================================================
+
+Under DDP each process's loss is the mean over its equal share of the global batch and DDP
+averages the gradients over processes, so the gradient is that of the global batch's mean
+loss, as with one process. Dropout masks are keyed by (seed, step, position in the global
+batch) (``cnnft.models.dropout``), so they do not depend on the number of processes either.
+(Images skipped as corrupt, ``skip_corrupt``, leave a process's share short: that step's
+gradient then weights the processes' samples slightly unequally.)
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from cnnft.checkpoint import check_pretrained_format, load_pretrained
 from cnnft.data.sampling import rng_for
 from cnnft.freeze import FreezeScheme, apply_freeze, frozen_modules
 from cnnft.models.caffenet import CaffeNet
+from cnnft.models.dropout import global_batch_rows, use_global_batch_dropout
 from cnnft.optim import caffe_sgd
 
 
@@ -54,6 +63,7 @@ class CaffeNetModule(L.LightningModule):
         super().__init__()
         check_pretrained_format(pretrained_format)
         self.net = CaffeNet(num_classes, **net)
+        use_global_batch_dropout(self.net)
         if pretrained:
             load_pretrained(self.net, pretrained, fmt=pretrained_format)
         self.scheme = FreezeScheme(**(freeze or {}))
@@ -85,7 +95,8 @@ class CaffeNetModule(L.LightningModule):
         return self.net(images)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # dropout draws from the global RNG: seed it from the step so a resumed run is exact
+        # anything drawing from the global RNG (dropout outside step samplers' batches): seed
+        # it from the step so a resumed run is exact
         seed = rng_for(self.seed, 3, self.global_step, self.global_rank).integers(2**62)
         torch.manual_seed(int(seed))
 
@@ -99,8 +110,16 @@ class CaffeNetModule(L.LightningModule):
             self.log("train/skipped", float(self._skipped), reduce_fx="max")
         if batch["images"].numel() == 0:
             return None
-        loss = F.cross_entropy(self(batch["images"]), batch["labels"])
-        self.log("train/loss", loss, prog_bar=True)
+        if "positions" in batch:  # a step sampler's batch: dropout keyed by the global batch
+            # (the trailing 0 stood for the rank when dropout drew from the per-rank global
+            # RNG; kept so that one process draws the masks it drew before)
+            seed = int(rng_for(self.seed, 3, self.global_step, 0).integers(2**62))
+            with global_batch_rows(self.net, seed, batch["positions"], batch["global_size"]):
+                logits = self(batch["images"])
+        else:
+            logits = self(batch["images"])
+        loss = F.cross_entropy(logits, batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         group = self.optimizers().param_groups[0]
         self.log("train/lr", group["lr"] / group["lr_mult"])
         return loss

@@ -213,6 +213,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     loggers = build_loggers(cfg, output_dir, resume_step)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers,
                                      plugins=[AtomicCheckpointIO()])
+    datamodule.check_world_size(trainer.world_size)  # the recipe's batches are global
     save_config(cfg, output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 
 from cnnft.data.sampling import EpochSampler, ForegroundBackgroundSampler
+from cnnft.errors import ConfigError
 
 
-def _indices(batch: list[tuple[int, int]]) -> list[int]:
-    return [i for i, _ in batch]
+def _indices(batch: list[tuple[int, int, int]]) -> list[int]:
+    return [i for i, _, _ in batch]
 
 
-def _seeds(batch: list[tuple[int, int]]) -> list[int]:
-    return [s for _, s in batch]
+def _seeds(batch: list[tuple[int, int, int]]) -> list[int]:
+    return [s for _, s, _ in batch]
 
 
 def _iterate_from(sampler, position: int) -> list[list[tuple[int, int]]]:
@@ -60,9 +61,11 @@ def test_each_epoch_is_a_permutation_without_repeats() -> None:
 
 
 def test_rank_slices_make_up_the_global_batch() -> None:
-    r0 = EpochSampler(40, 3, seed=5, rank=0, world_size=2)
-    r1 = EpochSampler(40, 3, seed=5, rank=1, world_size=2)
+    # batch_size is global: two ranks take 3 each of a global batch of 6
+    r0 = EpochSampler(40, 6, seed=5, rank=0, world_size=2)
+    r1 = EpochSampler(40, 6, seed=5, rank=1, world_size=2)
     assert len(r0) == len(r1) == 40 // 6
+    assert r0.batch_size == r1.batch_size == 3
     for step in range(0, 20):
         b0, b1 = r0.batch(step), r1.batch(step)
         glob = r0.global_batch(step).tolist()
@@ -84,19 +87,91 @@ def test_sample_seeds_differ_and_are_deterministic() -> None:
     again = [s for step in range(16) for s in _seeds(EpochSampler(64, 8, seed=2).batch(step))]
     assert seeds == again
     # the same sample index gets a fresh seed in the next epoch
-    first = dict(sampler.batch(0))
-    later = {i: s for st in range(8, 16) for i, s in sampler.batch(st)}
+    first = {i: s for i, s, _ in sampler.batch(0)}
+    later = {i: s for st in range(8, 16) for i, s, _ in sampler.batch(st)}
     assert all(first[i] != later[i] for i in first if i in later)
 
 
 def test_epoch_sampler_needs_one_full_batch() -> None:
     with pytest.raises(ValueError, match="cannot fill"):
-        EpochSampler(7, 4, seed=0, world_size=2)
-    assert len(EpochSampler(8, 4, seed=0, world_size=2)) == 1
+        EpochSampler(7, 8, seed=0, world_size=2)
+    assert len(EpochSampler(8, 8, seed=0, world_size=2)) == 1
+
+
+def _samplers(make, world_size: int) -> list:
+    return [make(rank=r, world_size=world_size) for r in range(world_size)]
+
+
+def _global_keys(samplers: list, step: int) -> list[tuple[int, int, int]]:
+    """Every rank's keys of ``step`` in global-batch order (by position)."""
+    return sorted((k for s in samplers for k in s.batch(step)), key=lambda k: k[2])
+
+
+SAMPLERS = {
+    "epoch": lambda **kw: EpochSampler(50, 8, seed=3, **kw),
+    "fg_bg": lambda **kw: ForegroundBackgroundSampler(np.arange(100, 110), np.arange(60), 8, 4,
+                                                      seed=4, **kw),
+}
+
+
+@pytest.mark.parametrize("kind", SAMPLERS)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_global_batch_is_the_same_for_any_number_of_processes(kind: str, world_size: int) -> None:
+    """Step s trains on the same samples with the same augmentation seeds and positions
+    whatever the number of processes; each rank holds an equal, disjoint share."""
+    one = SAMPLERS[kind](rank=0, world_size=1)
+    many = _samplers(SAMPLERS[kind], world_size)
+    assert all(len(s) == len(one) for s in many)  # epochs are as long
+    for step in [*range(12), 1000]:
+        assert _global_keys(many, step) == one.batch(step)
+        assert [p for _, _, p in one.batch(step)] == list(range(8))
+        assert all(len(s.batch(step)) == 8 // world_size for s in many)
+        assert all(s.global_batch(step).tolist() == one.global_batch(step).tolist() for s in many)
+
+
+def test_fg_bg_share_per_rank() -> None:
+    """Each rank gets fg_per_batch / world foreground windows, then its background share."""
+    fg, bg = np.arange(100, 110), np.arange(60)
+    for rank in range(2):
+        sampler = ForegroundBackgroundSampler(fg, bg, 8, 4, seed=4, rank=rank, world_size=2)
+        assert sampler.positions().tolist() == [2 * rank, 2 * rank + 1, 4 + 2 * rank, 5 + 2 * rank]
+        batch = _indices(sampler.batch(7))
+        assert set(batch[:2]) <= set(fg.tolist()) and set(batch[2:]) <= set(bg.tolist())
+
+
+def test_single_process_batches_are_unchanged() -> None:
+    """One process: the keys the samplers gave before batch sizes became global (recorded from
+    the previous code for a few steps; index and seed, position is new)."""
+    epoch = EpochSampler(50, 4, seed=7)
+    assert [k[:2] for k in epoch.batch(0)] == EPOCH_STEP0
+    assert [k[:2] for k in epoch.batch(13)] == EPOCH_STEP13
+    fgbg = ForegroundBackgroundSampler(FG, BG, batch_size=8, fg_per_batch=2, seed=4)
+    assert [k[:2] for k in fgbg.batch(5)] == FGBG_STEP5
+
+
+@pytest.mark.parametrize(("kind", "world_size", "message"), [
+    ("epoch", 3, "datamodule.batch_size=8 counts samples of the global batch"),
+    ("fg_bg", 3, "datamodule.batch_size=8 counts samples of the global batch"),
+    ("fg_bg_odd", 2, "datamodule.fg_per_batch=3 counts samples of the global batch"),
+])
+def test_a_global_batch_that_does_not_divide_is_refused(kind: str, world_size: int,
+                                                        message: str) -> None:
+    make = SAMPLERS.get(kind) or (lambda **kw: ForegroundBackgroundSampler(
+        np.arange(100, 110), np.arange(60), 8, 3, seed=4, **kw))
+    with pytest.raises(ConfigError, match=message) as info:
+        make(rank=0, world_size=world_size)
+    assert f"does not divide among {world_size} processes" in str(info.value)
+    assert "trainer.devices x trainer.num_nodes" in str(info.value)
 
 
 FG = np.arange(100, 110)
 BG = np.arange(0, 60)
+
+# (index, seed) keys the samplers gave one process before batch sizes became global
+EPOCH_STEP0 = [(10, 1868869221), (45, 1653865097), (24, 1880887029), (46, 240361926)]
+EPOCH_STEP13 = [(48, 1751045394), (29, 1959404407), (27, 1468642440), (18, 876830334)]
+FGBG_STEP5 = [(109, 1020016819), (105, 1691359325), (48, 313614887), (56, 740887348),
+              (3, 215026227), (28, 372132768), (20, 1995832), (9, 1566869216)]
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
@@ -105,17 +180,19 @@ def test_fg_bg_batches(world_size: int) -> None:
                                             rank=r, world_size=world_size)
                 for r in range(world_size)]
     # one epoch = enough steps for the foreground set to be drawn about once
-    assert len(samplers[0]) == -(-len(FG) // (2 * world_size))
+    assert len(samplers[0]) == -(-len(FG) // 2)
     fg_seen = set()
+    nfg = 2 // world_size
     for step in range(40):
         for sampler in samplers:
             batch = _indices(sampler.batch(step))
-            assert len(batch) == 8
-            assert set(batch[:2]) <= set(FG.tolist())
-            assert set(batch[2:]) <= set(BG.tolist())
-            fg_seen.update(batch[:2])
+            assert len(batch) == 8 // world_size
+            assert set(batch[:nfg]) <= set(FG.tolist())
+            assert set(batch[nfg:]) <= set(BG.tolist())
+            fg_seen.update(batch[:nfg])
         glob = samplers[0].global_batch(step).tolist()
-        assert [i for s in samplers for i in _indices(s.batch(step))] == glob
+        assert [i for _, _, i in sorted((p, n, i) for s in samplers
+                                        for n, (i, _, p) in enumerate(s.batch(step)))] == glob
     assert fg_seen == set(FG.tolist())  # over 40 steps every foreground window comes up
     again = ForegroundBackgroundSampler(FG, BG, batch_size=8, fg_per_batch=2, seed=4,
                                         world_size=world_size)

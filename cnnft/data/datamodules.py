@@ -2,24 +2,31 @@
 (fine-tuning). Both read the real layouts; the demo data is written in the same layouts.
 
 Training loaders use the step-indexed samplers of ``cnnft.data.sampling`` (see there why), so
-``use_distributed_sampler`` must be off in the Trainer (``conf/trainer`` sets it); evaluation
-loaders are sharded with ``DistributedSampler`` under DDP.
+``use_distributed_sampler`` must be off in the Trainer (``conf/trainer`` sets it). ``batch_size``
+(and ``fg_per_batch``) are global: under DDP each process loads its share of every step's
+global batch, and each training batch carries its samples' ``positions`` in that global batch
+and its ``global_size`` (the module keys dropout by them). Evaluation loaders are sharded under
+DDP without padding (Lightning's ``UnrepeatedDistributedSampler``): every sample is evaluated
+exactly once, so metrics reduced over ranks equal one process's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from cnnft.data.datasets import ClassificationDataset, WindowDataset, collate_skipping
 from cnnft.data.imagenet import scan_imagenet
 from cnnft.data.proposals import ProposalSettings, compute_proposals
-from cnnft.data.sampling import EpochSampler, ForegroundBackgroundSampler, StepSampler
+from cnnft.data.sampling import EpochSampler, ForegroundBackgroundSampler, StepSampler, rank_share
 from cnnft.data.transforms import resolve_mean
 from cnnft.data.voc import VOC_CLASSES, VOCImage, load_voc
 from cnnft.data.windows import label_windows
@@ -35,6 +42,32 @@ class StepDataLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+class GlobalBatchItems(Dataset):
+    """A training dataset read with the samplers' ``(index, sample_seed, position)`` keys:
+    the wrapped dataset's item for ``(index, sample_seed)`` with ``position`` appended."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple | None:
+        index, seed, position = key
+        item = self.dataset[(index, seed)]
+        return None if item is None else (*item, position)
+
+
+def collate_global(items: list[tuple | None], global_size: int) -> dict[str, torch.Tensor | int]:
+    """``collate_skipping`` of ``GlobalBatchItems`` items, plus the kept samples' ``positions``
+    in the global batch and ``global_size`` (a host int)."""
+    batch = collate_skipping([None if item is None else item[:-1] for item in items])
+    batch["positions"] = torch.tensor([item[-1] for item in items if item is not None],
+                                      dtype=torch.long)
+    batch["global_size"] = global_size
+    return batch
 
 
 class _StepDataModule(L.LightningDataModule):
@@ -53,16 +86,23 @@ class _StepDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
 
+    def check_world_size(self, world_size: int) -> None:
+        """Raise ``ConfigError`` unless the global batch divides among ``world_size`` processes
+        (called before training starts; the samplers check again)."""
+        rank_share(self.batch_size, world_size, "datamodule.batch_size")
+
     def _train_loader(self, dataset: Dataset, sampler: StepSampler) -> DataLoader:
         if self.trainer is not None:
             sampler.position = lambda: self.trainer.global_step
-        return StepDataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                              collate_fn=collate_skipping,
+        return StepDataLoader(GlobalBatchItems(dataset), batch_sampler=sampler,
+                              num_workers=self.num_workers,
+                              collate_fn=partial(collate_global, global_size=sampler.global_size),
                               persistent_workers=self.num_workers > 0)
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         rank, world = self._rank_world
-        sampler = DistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None
+        sampler = (UnrepeatedDistributedSampler(dataset, world, rank, shuffle=False)
+                   if world > 1 else None)
         return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler,
                           num_workers=self.num_workers, collate_fn=collate_skipping,
                           persistent_workers=self.num_workers > 0)
@@ -127,8 +167,9 @@ def build_windows(images: Sequence[VOCImage], proposals: dict[str, np.ndarray], 
 class VOCWindowsDataModule(_StepDataModule):
     """R-CNN fine-tuning windows of a VOC07 devkit: ``fg_per_batch`` windows with IoU >=
     ``fg_threshold`` to a ground-truth box (labelled with its class, 1..20) and the rest
-    background (label 0), sampled with replacement; validation on a fixed sample of windows
-    of ``val_split`` drawn the same way.
+    background (label 0), sampled with replacement (both counts global: each DDP process
+    takes its share of each); validation on a fixed sample of windows of ``val_split`` drawn
+    the same way.
 
     "Difficult" objects: with ``use_difficult=False`` (default) they are not training windows,
     and proposals whose best match is a difficult object (IoU >= fg_threshold) are dropped.
@@ -158,6 +199,10 @@ class VOCWindowsDataModule(_StepDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.classes) + 1  # + background
+
+    def check_world_size(self, world_size: int) -> None:
+        super().check_world_size(world_size)
+        rank_share(self.fg_per_batch, world_size, "datamodule.fg_per_batch")
 
     def _proposals(self, images: Sequence[VOCImage]) -> dict[str, np.ndarray]:
         return compute_proposals([(im.image_id, im.path) for im in images], self.cache_dir,
