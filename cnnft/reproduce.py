@@ -192,7 +192,7 @@ def write_failure(directory: Path, unit: str, error: BaseException) -> None:
 
 def file_stamp(path: str | Path) -> str:
     """The file stamp (path as given, size, mtime) that markers held before they were keyed by
-    content; read only to adopt such a marker (:meth:`Pipeline.adopt`)."""
+    content; read only to adopt such a marker (:func:`adopt`)."""
     return "random" if str(path) == "random" else files_fingerprint([path])
 
 
@@ -360,16 +360,18 @@ class Pipeline:
                     metrics, _ = train(cfg)
                 finally:
                     _finish_wandb()
+            last = out / "checkpoints" / "last.ckpt"
             write_marker(out, stage, wall_s=round(time.perf_counter() - began, 1),
                          pretrained=unrooted(source, self.spellings), source_weights=source_weights,
-                         weights=self.digests(out / "checkpoints" / "last.ckpt"), metrics=metrics)
+                         weights=self.digests(last) if last.is_file() else None, metrics=metrics)
 
         def done() -> bool:
             marker = read_marker(out, stage)
             if marker is None or not (out / "checkpoints" / "last.ckpt").is_file():
                 return False
-            source = start()
-            if marker.get("source_weights") and source is not None and Path(source).is_file():
+            source = str(marker.get("pretrained") or "")  # what it was trained from, in this root
+            source = str(self.root) + source[len(ROOT):] if source.startswith(ROOT) else source
+            if marker.get("source_weights") and Path(source).is_file():
                 try:
                     changed = self.digests(source) != marker["source_weights"]
                 except CheckpointError:

@@ -186,6 +186,10 @@ def test_pretrained_path_skips_pretraining(fakes: Fakes, tmp_path: Path) -> None
     wrapped = read_checkpoint(root / "pretrained" / "network.ckpt")
     assert wrapped["cnnft"]["arch"] == {"width": 0.125, "input_size": 67, "num_classes": 1000}
     assert ("pretrained", "probe_cls") in fakes.analyze_calls
+    # the wrapped network holds the given weights: both files have one weights digest
+    wrap = json.loads((root / "pretrained" / MARKERS / "wrap.json").read_text())
+    analysed = json.loads((root / "analyze" / "pretrained" / MARKERS / "probe_cls.json").read_text())
+    assert wrap["weights"] == analysed["weights"] and len(wrap["weights"]) == 64
 
 
 @pytest.mark.slow

@@ -115,7 +115,8 @@ def status_md(res: Results, missing: list[tuple[str, str]]) -> str:
 
     if calls:
         lines += [f"`cnnft-reproduce` calls on this root ({len(calls)}; each unit's latest status is "
-                  "below, with the call that set it):", "",
+                  "below, with the call that set it; `unfinished`: still running, e.g. the call that "
+                  "built this report, or killed):", "",
                   _md_table(["call", "started", "stages", "overrides", "commit", "status", "wall time (s)"],
                             [[str(i), c.get("started", ""), " ".join(c.get("stages") or []),
                               " ".join(c.get("overrides") or []) or "none", c.get("commit", ""),
