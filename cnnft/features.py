@@ -133,10 +133,12 @@ def layer_digests(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def model_digest(model: nn.Module) -> str:
-    """SHA-256 of a model's parameters and buffers (for networks without a checkpoint file)."""
+def model_digest(model: nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a model's parameters and buffers, or of a state dict (e.g. a checkpoint's
+    :func:`cnnft.checkpoint.model_state`: the same digest as the network loaded from it)."""
+    state = model if isinstance(model, Mapping) else getattr(model, "net", model).state_dict()
     h = hashlib.sha256()
-    for name, tensor in sorted(getattr(model, "net", model).state_dict().items()):
+    for name, tensor in sorted(state.items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()

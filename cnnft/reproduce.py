@@ -18,9 +18,14 @@ Each unit is the ordinary in-process entry (:func:`cnnft.train.train`,
 have its key or group) and the unit's own, in a fixed run directory. A unit that succeeded
 writes a done marker (``.done/<unit>.json``, atomically); a later call skips it. A killed
 training stage has no marker and continues from its ``checkpoints/last.ckpt`` (``resume=auto``,
-bit-exact on the CPU). An analysis marker carries the checkpoint's file stamp, so re-trained
-networks are analysed again. A failing unit is logged and recorded (``<root>/reproduce.json``,
-the report) and the others go on; the command exits non-zero at the end.
+bit-exact on the CPU). Markers hold nothing that depends on where the root lives, so a moved,
+copied or re-spelled root is recognised: an analysis marker is keyed by content, the weights
+digest of its checkpoint (:class:`Digests`) and a hash of its resolved config without paths
+under the root and without the keys in :data:`UNKEYED`; an analysis reruns when either changed
+(a re-trained network, a new override), not when a checkpoint was merely touched or copied.
+A failing unit is logged and recorded (``<root>/reproduce.json``, the report) and the others go
+on; the command exits non-zero at the end. ``reproduce.json`` keeps every call (start, stages,
+overrides, commit, status) and each unit's latest status and time, merged across calls.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import re
 import sys
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,9 +54,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cnnft.callbacks import snapshot_name
-from cnnft.checkpoint import pretrained_state, read_checkpoint
-from cnnft.errors import ConfigError
-from cnnft.io import files_fingerprint, write_json
+from cnnft.checkpoint import model_state, pretrained_state, read_checkpoint
+from cnnft.errors import CheckpointError, ConfigError
+from cnnft.features import file_digest, model_digest
+from cnnft.io import files_fingerprint, stable_hash, write_json
 from cnnft.train import CONF_DIR
 
 log = logging.getLogger(__name__)
@@ -69,6 +76,12 @@ OWN_KEYS = {"root", "stages", "pretrained", "train_overrides", "analyze_override
             "snapshots", "report", "hydra"}
 MARKERS = ".done"
 FAILURES = ".failed"
+#: Config keys left out of an analysis marker's key: the checkpoint path and the output
+#: directory (where the root lives; the checkpoint counts by its weights digest) and what
+#: changes how a job runs, not what it computes.
+UNKEYED = ("checkpoint", "paths.output_dir", "run_name", "tags", "progress", "logger",
+           "data.num_workers")
+ROOT = "<root>"
 
 
 # ---------------------------------------------------------------- overrides and configs
@@ -178,8 +191,100 @@ def write_failure(directory: Path, unit: str, error: BaseException) -> None:
 
 
 def file_stamp(path: str | Path) -> str:
-    """Changes when the file is rewritten (``random`` for the random network)."""
+    """The file stamp (path as given, size, mtime) that markers held before they were keyed by
+    content; read only to adopt such a marker (:func:`adopt`)."""
     return "random" if str(path) == "random" else files_fingerprint([path])
+
+
+def adopt(directory: Path, unit: str, marker: dict[str, Any], spec: str, **key: Any) -> bool:
+    """A marker written before markers were keyed by content (it holds a file ``stamp``) still
+    counts if ``spec`` is the file it was written for (same path as given, size and mtime): it is
+    rewritten with the content ``key`` and True returned. Otherwise False: the unit runs again."""
+    if "stamp" not in marker or marker["stamp"] != file_stamp(spec):
+        return False
+    kept = {k: v for k, v in marker.items() if k not in ("unit", "finished", "stamp")}
+    write_marker(directory, unit, **kept, **key, adopted=marker.get("finished"))
+    return True
+
+
+@cache
+def conf_digest(conf_dir: str | Path = CONF_DIR) -> str:
+    """Hash of the config files and the ``CNNFT_*`` environment variables (what composing a
+    config reads besides its overrides)."""
+    files = {str(p.relative_to(conf_dir)): file_digest(p) for p in sorted(Path(conf_dir).rglob("*.yaml"))}
+    env = {k: v for k, v in os.environ.items() if k.startswith("CNNFT_")}
+    return stable_hash({"files": files, "env": env})
+
+
+def root_spellings(root: Path) -> tuple[str, ...]:
+    """The ways paths under ``root`` may be written (as given, absolute, symlinks resolved)."""
+    return tuple(sorted({str(root), str(root.absolute()), str(root.resolve())}, key=len, reverse=True))
+
+
+def unrooted(value: Any, spellings: Sequence[str]) -> Any:
+    """``value`` (a string or a container of them) with each path under the root written
+    ``<root>/...``, so that it reads the same wherever the root lives and however it is spelled."""
+    if isinstance(value, dict):
+        return {k: unrooted(v, spellings) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [unrooted(v, spellings) for v in value]
+    if isinstance(value, str):
+        for base in spellings:
+            if value == base or value.startswith(base.rstrip(os.sep) + os.sep):
+                return ROOT + value[len(base.rstrip(os.sep)):]
+    return value
+
+
+def config_key(cfg: DictConfig, spellings: Sequence[str]) -> str:
+    """Hash of a job's resolved config without the keys in :data:`UNKEYED`, paths under the
+    root written ``<root>/...``."""
+    data: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    for dotted in UNKEYED:
+        *parents, last = dotted.split(".")
+        node: Any = data
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return stable_hash(unrooted(data, spellings), length=24)
+
+
+class Digests:
+    """Weights digests of checkpoint files (:func:`cnnft.features.model_digest` of the network's
+    state dict: the same for a file copied, touched or re-saved with equal weights), kept in
+    ``<root>/.done/digests.json`` by ``<root>/``-relative path with each file's size and mtime.
+    A file is read again only when its size or mtime differs from the remembered ones."""
+
+    def __init__(self, root: Path) -> None:
+        self.spellings = root_spellings(root)
+        self.path = root / MARKERS / "digests.json"
+        self.known: dict[str, dict[str, Any]] = {}
+        self.loaded = False
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def __call__(self, spec: str | Path) -> str:
+        """The digest of checkpoint ``spec`` (``random`` for the random network)."""
+        if str(spec) == "random":
+            return "random"
+        if not self.loaded:
+            self.known, self.loaded = self._read(), True
+        name = unrooted(str(Path(spec).absolute()), self.spellings)
+        st = os.stat(spec)
+        stamp = [st.st_size, st.st_mtime_ns]
+        entry = self.known.get(name)
+        if entry is not None and entry.get("stamp") == stamp:
+            return str(entry["digest"])
+        digest = model_digest(model_state(read_checkpoint(spec), spec))
+        self.known[name] = {"stamp": stamp, "digest": digest}
+        if is_rank_zero():  # merged with what other calls wrote meanwhile
+            write_json(self.path, {**self._read(), name: self.known[name]})
+        return digest
 
 
 def _now() -> str:
@@ -210,6 +315,8 @@ class Pipeline:
 
     def __post_init__(self) -> None:
         self.root = Path(self.cfg.root)
+        self.spellings = root_spellings(self.root)
+        self.digests = Digests(self.root)
         unknown = sorted(set(self.cfg.stages) - set(STAGES))
         if unknown:
             raise ConfigError(f"stages={list(self.cfg.stages)}: unknown {unknown}; expected a subset of "
@@ -247,16 +354,32 @@ class Pipeline:
                 raise ConfigError(f"stage {stage} starts from {source}, which does not exist; run the "
                                   "pretrain stage first (or give pretrained=PATH)")
             began = time.perf_counter()
+            source_weights = self.digests(source) if source is not None else None
             with job_config("train", self.train_overrides(stage, source), out) as cfg:
                 try:
                     metrics, _ = train(cfg)
                 finally:
                     _finish_wandb()
-            write_marker(out, stage, wall_s=round(time.perf_counter() - began, 1), pretrained=source,
-                         metrics=metrics)
+            last = out / "checkpoints" / "last.ckpt"
+            write_marker(out, stage, wall_s=round(time.perf_counter() - began, 1),
+                         pretrained=unrooted(source, self.spellings), source_weights=source_weights,
+                         weights=self.digests(last) if last.is_file() else None, metrics=metrics)
 
         def done() -> bool:
-            return read_marker(out, stage) is not None and (out / "checkpoints" / "last.ckpt").is_file()
+            marker = read_marker(out, stage)
+            if marker is None or not (out / "checkpoints" / "last.ckpt").is_file():
+                return False
+            source = str(marker.get("pretrained") or "")  # what it was trained from, in this root
+            source = str(self.root) + source[len(ROOT):] if source.startswith(ROOT) else source
+            if marker.get("source_weights") and Path(source).is_file():
+                try:
+                    changed = self.digests(source) != marker["source_weights"]
+                except CheckpointError:
+                    changed = True
+                if changed:  # not retrained by itself: resume=auto would only load the finished run
+                    log.warning("%s was trained from other weights than %s holds now; it is kept (move "
+                                "%s away to train it again from them)", stage, source, out)
+            return True
 
         needs = () if stage == "pretrain" else ("pretrain",)
         return Unit(stage, run, done, needs, out)
@@ -279,10 +402,14 @@ class Pipeline:
         ckpt = read_checkpoint(path)
         if "cnnft" in ckpt:
             return path
-        state = pretrained_state(ckpt, path, self.cfg.get("pretrained_format", "cnnft"))
+        fmt = self.cfg.get("pretrained_format", "cnnft")
+        state = pretrained_state(ckpt, path, fmt)
         target = self.root / "pretrained" / "network.ckpt"
         marker = read_marker(target.parent, "wrap")
-        if target.is_file() and marker is not None and marker.get("stamp") == file_stamp(path):
+        weights = self.digests(path)
+        if target.is_file() and marker is not None and marker.get("format", "cnnft") == fmt and (
+                marker.get("weights") == weights
+                or adopt(target.parent, "wrap", marker, path, weights=weights)):
             return str(target)
         with job_config("analyze", [*forward(self.overrides, "analyze"), "checkpoint=random"],
                         target.parent) as cfg:
@@ -294,11 +421,31 @@ class Pipeline:
         from cnnft.io import atomic_write
 
         atomic_write(target, lambda tmp: torch.save(wrapped, tmp))
-        write_marker(target.parent, "wrap", stamp=file_stamp(path))
+        write_marker(target.parent, "wrap", weights=weights, format=fmt,
+                     source=unrooted(str(path), self.spellings))
         return str(target)
 
     def analysis_unit(self, label: str, network_dir: Path, analysis: str, checkpoint: Callable[[], str],
                       extra: Sequence[str], needs: tuple[str, ...]) -> Unit:
+        def overrides(spec: str) -> list[str]:
+            own = [f"checkpoint={spec}", f"analyses=[{analysis}]", f"run_name={label.replace('/', '-')}",
+                   *extra]
+            return [*forward([*self.overrides, *self.cfg.analyze_overrides], "analyze", own), *own]
+
+        def inputs(spec: str) -> str:
+            """Hash of what composing the config reads: conf/, CNNFT_* variables, the overrides
+            but the checkpoint's path. Equal inputs give an equal config: no need to compose it."""
+            kept = [o for o in overrides(spec) if override_key(o) != "checkpoint"]
+            return stable_hash({"overrides": unrooted(kept, self.spellings), "conf": conf_digest()})
+
+        def key(spec: str, cfg: DictConfig | None = None) -> dict[str, str]:
+            """What the results depend on: the weights and the config (composed unless given)."""
+            if cfg is None:
+                with job_config("analyze", overrides(spec), network_dir) as composed:
+                    return key(spec, composed)
+            return {"weights": self.digests(spec), "config": config_key(cfg, self.spellings),
+                    "inputs": inputs(spec)}
+
         def run() -> None:
             from cnnft.analyze import analyze
 
@@ -306,24 +453,38 @@ class Pipeline:
             if spec != "random" and not Path(spec).is_file():
                 raise ConfigError(f"checkpoint {spec} for {label} does not exist (its training stage "
                                   "has not finished)")
-            own = [f"checkpoint={spec}", f"analyses=[{analysis}]", f"run_name={label.replace('/', '-')}",
-                   *extra]
-            overrides = [*forward([*self.overrides, *self.cfg.analyze_overrides], "analyze", own), *own]
             began = time.perf_counter()
-            with job_config("analyze", overrides, network_dir) as cfg:
+            with job_config("analyze", overrides(spec), network_dir) as cfg:
+                content = key(spec, cfg)  # before the job: analyses may fill in the config
                 try:
                     analyze(cfg)
                 finally:
                     _finish_wandb()
-            write_marker(network_dir, analysis, stamp=file_stamp(spec), checkpoint=spec,
-                         wall_s=round(time.perf_counter() - began, 1), overrides=overrides)
+            write_marker(network_dir, analysis, **content, checkpoint=unrooted(spec, self.spellings),
+                         wall_s=round(time.perf_counter() - began, 1))
 
         def done() -> bool:
             marker = read_marker(network_dir, analysis)
             if marker is None:
                 return False
             spec = checkpoint()
-            return (spec == "random" or Path(spec).is_file()) and marker.get("stamp") == file_stamp(spec)
+            if spec != "random" and not Path(spec).is_file():
+                return False
+            try:
+                if "weights" not in marker:
+                    return adopt(network_dir, analysis, marker, spec, **key(spec))
+                if marker["weights"] != self.digests(spec):
+                    return False
+            except CheckpointError:
+                return False  # unreadable: the job says why
+            if marker.get("inputs") == inputs(spec):
+                return True
+            content = key(spec)  # other inputs (conf/ edited, an override added): compare configs
+            if marker.get("config") != content["config"]:
+                return False
+            kept = {k: v for k, v in marker.items() if k != "unit"}
+            write_marker(network_dir, analysis, **{**kept, **content})  # so the next call is fast
+            return True
 
         return Unit(label, run, done, needs, network_dir)
 
@@ -400,16 +561,56 @@ def stage_bar(done: int, total: int, name: str, elapsed: float, width: int = 24)
     return f"{'━' * filled}{'─' * (width - filled)}  {done}/{total}  {name}  ({minutes}m{seconds:02d}s)"
 
 
-def run_info(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]:
-    """What the report's header states: scale, data roots, overrides, commit, date."""
-    from cnnft.report.load import git_commit
-
+def run_info(cfg: DictConfig) -> dict[str, Any]:
+    """What the report's header states about the run: scale, data roots, pretrained weights."""
     data = OmegaConf.select(cfg, "data", default={}) or {}
     return {"scale": str(cfg.scale.name), "imagenet_root": str(data.get("imagenet_root", "")),
-            "voc_root": str(data.get("voc_root", "")), "overrides": list(overrides),
-            "pretrained": cfg.pretrained, "commit": git_commit(), "started": _now(),
+            "voc_root": str(data.get("voc_root", "")), "pretrained": cfg.pretrained}
+
+
+def call_info(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]:
+    """One call of this command as ``reproduce.json`` lists it: start, stages, overrides,
+    commit, machine and ``status`` (``unfinished`` until it ends, then ``ok`` or ``failed``)."""
+    from cnnft.report.load import git_commit
+
+    return {"id": uuid.uuid4().hex[:12], "started": _now(), "stages": list(cfg.stages),
+            "overrides": list(overrides), "commit": git_commit(),
             "machine": f"{os.cpu_count()} CPU cores, "
-                       f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}"}
+                       f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
+            "status": "unfinished"}
+
+
+def merge_status(saved: dict[str, Any], info: dict[str, Any], call: dict[str, Any],
+                 units: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``reproduce.json`` with one call merged in: the run's facts (``info``) as of this call;
+    ``started``, when the first call began; ``calls``, every call in order (this one replaced by
+    its ``id``); ``units``, each unit's latest status and wall time with the number of the call
+    that set it (units this call did not reach are kept). ``saved`` may be in the one-call
+    layout of older versions."""
+    from cnnft.report.load import reproduce_calls
+
+    calls = reproduce_calls(saved)
+    ids = [c.get("id") for c in calls]
+    if call["id"] in ids:
+        calls[ids.index(call["id"])] = call
+    else:
+        calls.append(call)
+    number = [c.get("id") for c in calls].index(call["id"]) + 1
+    merged = {**(saved.get("units") or {}), **{k: {**v, "call": number} for k, v in units.items()}}
+    return {**info, "started": calls[0].get("started"), "calls": calls, "units": merged}
+
+
+def record_call(path: Path, info: dict[str, Any], call: dict[str, Any],
+                units: dict[str, dict[str, Any]]) -> None:
+    """Merge this call into ``path`` (read again each time: other calls may write it too), atomically."""
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        saved = {}
+    except (OSError, ValueError) as e:
+        log.warning("%s is unreadable (%s); starting its history anew", path, e)
+        saved = {}
+    write_json(path, merge_status(saved if isinstance(saved, dict) else {}, info, call, units))
 
 
 def reproduce(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
@@ -421,7 +622,7 @@ def reproduce(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, dict[
     root = pipeline.root
     console = Console(stderr=True)
     status_path = root / "reproduce.json"
-    info = {**run_info(cfg, overrides), "stages": list(cfg.stages)}
+    info, call = run_info(cfg), call_info(cfg, overrides)
     status: dict[str, dict[str, Any]] = {}
     failed: set[str] = set()
     began = time.perf_counter()
@@ -459,10 +660,14 @@ def reproduce(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, dict[
                                          "error": f"{type(e).__name__}: {e}"}
                     failed.add(unit.name)
             if is_rank_zero():
-                write_json(status_path, {**info, "wall_s": round(time.perf_counter() - began, 1),
-                                         "units": status})
+                record_call(status_path, info, {**call, "wall_s": round(time.perf_counter() - began, 1)},
+                            status)
     console.rule(stage_bar(count, planned, "finished", time.perf_counter() - began), align="left")
     bad = {k: v for k, v in status.items() if v["status"] in ("failed", "blocked")}
+    if is_rank_zero():
+        call.update(wall_s=round(time.perf_counter() - began, 1), finished=_now(),
+                    status="failed" if bad else "ok")
+        record_call(status_path, info, call, status)
     for name, entry in bad.items():
         console.print(f"[red]{entry['status']}[/red] {name}: {entry.get('error')}")
     return status

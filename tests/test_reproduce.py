@@ -4,6 +4,8 @@ with stand-ins for training and analysis), and the real pipeline at the tiny set
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +69,8 @@ class Fakes:
         if out.name in self.fail:
             raise RuntimeError(f"simulated crash in {out.name}")
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        torch.save({"n": len(self.train_calls)}, out / "checkpoints" / "last.ckpt")
+        torch.save({"conv1.weight": torch.full((4, 3, 3, 3), float(len(self.train_calls)))},  # new weights
+                   out / "checkpoints" / "last.ckpt")
         if cfg.stage.name == "pretrain":
             (out / "snapshots").mkdir(exist_ok=True)
             for it in (10, 100):
@@ -184,6 +187,10 @@ def test_pretrained_path_skips_pretraining(fakes: Fakes, tmp_path: Path) -> None
     wrapped = read_checkpoint(root / "pretrained" / "network.ckpt")
     assert wrapped["cnnft"]["arch"] == {"width": 0.125, "input_size": 67, "num_classes": 1000}
     assert ("pretrained", "probe_cls") in fakes.analyze_calls
+    # the wrapped network holds the given weights: both files have one weights digest
+    wrap = json.loads((root / "pretrained" / MARKERS / "wrap.json").read_text())
+    analysed = json.loads((root / "analyze" / "pretrained" / MARKERS / "probe_cls.json").read_text())
+    assert wrap["weights"] == analysed["weights"] and len(wrap["weights"]) == 64
 
 
 def test_caffe_weights_are_converted_for_analysis_and_fine_tuning(fakes: Fakes, tmp_path: Path) -> None:
@@ -228,3 +235,157 @@ def test_tiny_pipeline_end_to_end_with_a_killed_stage(data_dir: Path, tmp_path: 
     assert re.search(r"\| pool-5 \| \d+\.\d \(79\.1\) \| \d+\.\d \(82\.2\) \|", md)
     assert re.search(r"\| relu-7 \| \d+\.\d \(73\.6\) \|", md)  # Table 4 unroll
     assert "15K (ours 2)" in md or "15K (ours 4)" in md
+
+
+# ---------------------------------------------------------------- markers keyed by content
+
+#: a small pipeline: every training stage, each kind of network and two snapshots (12 units)
+SMALL = [NO_REPORT, "networks.pretrained.analyses=[probe_cls,probe_gtbox]",
+         *(f"networks.{n}.analyses=[probe_cls]"
+           for n in ("finetune_all", "finetune_fc", "fifty_fifty", "random")),
+         "snapshots.iterations=[10,100]"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished reproduce root of the SMALL pipeline (built once; tests work on copies)."""
+    root = tmp_path_factory.mktemp("finished") / "root"
+    f = Fakes()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cnnft.train, "train", f.train)
+        mp.setattr(cnnft.analyze, "analyze", f.analyze)
+        status = reproduce(repro_cfg(root, *SMALL))
+    assert len(status) == 12 and {v["status"] for v in status.values()} == {"done"}, status
+    return root
+
+
+def copy_root(src: Path, dst: Path) -> Path:
+    """``cp -a``: contents, sizes and mtimes kept."""
+    shutil.copytree(src, dst, copy_function=shutil.copy2)
+    return dst
+
+
+@pytest.fixture()
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The checkpoint files cnnft-reproduce opens to hash their weights."""
+    import cnnft.reproduce
+
+    seen: list[str] = []
+    real = cnnft.reproduce.read_checkpoint
+
+    def counting(path: Any) -> dict:
+        seen.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(cnnft.reproduce, "read_checkpoint", counting)
+    return seen
+
+
+def ran(fakes: Fakes) -> list[Any]:
+    return [c["dir"] for c in fakes.train_calls] + sorted(fakes.analyze_calls)
+
+
+def test_a_copied_root_runs_nothing(fakes: Fakes, reads: list[str], finished: Path, tmp_path: Path) -> None:
+    copy = copy_root(finished, tmp_path / "elsewhere" / "copy")
+    status = reproduce(repro_cfg(copy, *SMALL))
+    assert ran(fakes) == [] and {v["status"] for v in status.values()} == {"skipped"}
+    assert reads == []  # sizes and mtimes kept: no checkpoint is hashed again
+
+
+def test_a_respelled_root_runs_nothing(fakes: Fakes, finished: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    copy_root(finished, tmp_path / "copy")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    status = reproduce(repro_cfg(Path("..") / "copy", *SMALL))  # relative; built absolute
+    assert ran(fakes) == [] and {v["status"] for v in status.values()} == {"skipped"}
+
+
+def test_touched_checkpoints_run_nothing(fakes: Fakes, reads: list[str], finished: Path,
+                                         tmp_path: Path) -> None:
+    copy = copy_root(finished, tmp_path / "copy")
+    checkpoints = sorted(copy.rglob("*.ckpt"))
+    assert len(checkpoints) == 6  # four last.ckpt, two snapshots
+    for path in checkpoints:
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**10))
+    reproduce(repro_cfg(copy, *SMALL))
+    assert ran(fakes) == []
+    assert sorted(reads) == sorted(map(str, checkpoints))  # each hashed once: its stamp changed
+    reads.clear()
+    reproduce(repro_cfg(copy, *SMALL))
+    assert ran(fakes) == [] and reads == []  # and remembered with its new stamp
+
+
+def test_a_changed_checkpoint_reruns_exactly_its_units(fakes: Fakes, finished: Path, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    copy = copy_root(finished, tmp_path / "copy")  # moved and changed: only the change counts
+    def change(path: str, value: float) -> None:
+        torch.save({"conv1.weight": torch.full((4, 3, 3, 3), value)}, copy / path)
+
+    change("finetune_fc/checkpoints/last.ckpt", -1.0)
+    reproduce(repro_cfg(copy, *SMALL))
+    assert ran(fakes) == [("finetune_fc", "probe_cls")]
+    fakes.analyze_calls.clear()
+    change("pretrain/snapshots/iter_0000010.ckpt", -2.0)
+    reproduce(repro_cfg(copy, *SMALL))
+    assert ran(fakes) == [("iter_0000010", "probe_cls")]
+    # the pretrained network: its analyses rerun; the stages fine-tuned from it are kept, with a warning
+    fakes.analyze_calls.clear()
+    change("pretrain/checkpoints/last.ckpt", -3.0)
+    reproduce(repro_cfg(copy, *SMALL))
+    assert ran(fakes) == [("pretrained", "probe_cls"), ("pretrained", "probe_gtbox")]
+    assert "finetune_all was trained from other weights than" in caplog.text
+    # a new override changes the analyses' config: they rerun; a logger change does not
+    fakes.analyze_calls.clear()
+    reproduce(repro_cfg(copy, *SMALL, "logger=tensorboard"))
+    assert ran(fakes) == []
+    reproduce(repro_cfg(copy, *SMALL), ["probe.folds=2"])
+    assert len(fakes.analyze_calls) == 8 and fakes.train_calls == []
+
+
+def test_old_markers_are_adopted_when_their_file_is_unchanged(fakes: Fakes, finished: Path,
+                                                              tmp_path: Path) -> None:
+    from cnnft.reproduce import file_stamp
+
+    copy = copy_root(finished, tmp_path / "copy")
+    folder = copy / "analyze" / "finetune_fc" / MARKERS
+    spec = str(copy / "finetune_fc" / "checkpoints" / "last.ckpt")
+    old = {"unit": "probe_cls", "finished": "2026-01-01T00:00:00", "stamp": file_stamp(spec),
+           "checkpoint": spec, "wall_s": 3.0}
+    (folder / "probe_cls.json").write_text(json.dumps(old))
+    (copy / "analyze" / "random" / MARKERS / "probe_cls.json").write_text(
+        json.dumps({**old, "stamp": "an old stamp of another file"}))
+    reproduce(repro_cfg(copy, *SMALL))
+    assert ran(fakes) == [("random", "probe_cls")]  # stamp of the file as it is: adopted
+    adopted = json.loads((folder / "probe_cls.json").read_text())
+    assert adopted["adopted"] == "2026-01-01T00:00:00" and adopted["wall_s"] == 3.0 and "stamp" not in adopted
+    new = json.loads((finished / "analyze" / "finetune_fc" / MARKERS / "probe_cls.json").read_text())
+    assert {k: adopted[k] for k in ("weights", "config", "inputs")} == {
+        k: new[k] for k in ("weights", "config", "inputs")}
+
+
+# ---------------------------------------------------------------- reproduce.json keeps history
+
+
+def test_reproduce_json_keeps_every_call_and_unit(fakes: Fakes, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    nets = ["~networks.finetune_all", "~networks.finetune_fc", "~networks.fifty_fifty",
+            "networks.pretrained.analyses=[probe_cls]", "networks.random.analyses=[probe_cls]",
+            "snapshots.iterations=[100]"]
+    reproduce(repro_cfg(root, "stages=[pretrain]", *nets), ["seed=3"])
+    first = json.loads((root / "reproduce.json").read_text())
+    reproduce(repro_cfg(root, "stages=[analyze,report]", *nets))
+    saved = json.loads((root / "reproduce.json").read_text())
+    assert [(c["stages"], c["overrides"], c["status"]) for c in saved["calls"]] == [
+        (["pretrain"], ["seed=3"], "ok"), (["analyze", "report"], [], "ok")]
+    assert saved["started"] == first["calls"][0]["started"] and saved["calls"][0]["commit"]
+    assert saved["units"]["pretrain"] == {**first["units"]["pretrain"], "call": 1}
+    assert saved["units"]["pretrain"]["status"] == "done"
+    assert {k: v["call"] for k, v in saved["units"].items()} == {
+        "pretrain": 1, "analyze/pretrained/probe_cls": 2, "analyze/random/probe_cls": 2,
+        "analyze/snapshots/iter_0000100/probe_cls": 2, "report": 2}
+    md = (root / "report" / "report.md").read_text()
+    wall = saved["units"]["pretrain"]["wall_s"]
+    assert f"| pretrain | done | {wall:.0f} | 1 |" in md  # the training time is still in the Stages table
+    assert "| 1 | " in md and "| pretrain | seed=3 |" in md and "| analyze report | none |" in md
+    assert "call 1: seed=3; call 2: none" in md

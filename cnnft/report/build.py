@@ -32,8 +32,18 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _overrides(calls: Sequence[dict], info: dict) -> str:
+    """The overrides of each call (``call 1: ...; call 2: ...``), or of the one call."""
+    if len(calls) <= 1:
+        return " ".join((calls[0] if calls else info).get("overrides") or []) or "none"
+    return "; ".join(f"call {i}: {' '.join(c.get('overrides') or []) or 'none'}"
+                     for i, c in enumerate(calls, 1))
+
+
 def header_md(res: Results) -> str:
     info = res.info
+    calls = info.get("calls") or []
+    commits = ", ".join(dict.fromkeys(str(c["commit"]) for c in calls if c.get("commit")))
     scale = info.get("scale") or "unknown"
     lines = ["# Reproduction report: Agrawal, Girshick, Malik 2014", ""]
     if scale != "paper":
@@ -42,11 +52,11 @@ def header_md(res: Results) -> str:
                   "measures, and are not comparable to the paper's numbers in parentheses.", ""]
     facts = [("scale", scale), ("ImageNet root", info.get("imagenet_root") or "n/a"),
              ("VOC 2007 root", info.get("voc_root") or "n/a"),
-             ("git commit", info.get("commit") or "unknown"),
+             ("git commit", commits or info.get("commit") or "unknown"),
              ("run started", info.get("started") or "n/a"),
              ("report built", datetime.now().isoformat(timespec="seconds")),
              ("machine", info.get("machine") or "n/a"),
-             ("overrides", " ".join(info.get("overrides") or []) or "none"),
+             ("overrides", _overrides(calls, info)),
              ("sources", ", ".join(str(p) for p in res.sources))]
     lines += [_md_table(["", ""], [[f"**{k}**", f"`{v}`"] for k, v in facts]), "",
               "Cells read **ours (paper)**: our number, then the paper's in parentheses; `n/a` = we have "
@@ -96,13 +106,28 @@ def status_md(res: Results, missing: list[tuple[str, str]]) -> str:
     if res.failures:
         lines += ["", "Failed units (their error; the other units' results are kept):", ""]
         lines += [f"- `{f['unit']}`: {f['error']}" for f in res.failures]
+    calls = res.info.get("calls") or []
+    if res.stages or calls:
+        lines += ["", "## Stages", ""]
+
+    def seconds(entry: dict) -> str:
+        return "" if entry.get("wall_s") is None else f"{entry['wall_s']:.0f}"
+
+    if calls:
+        lines += [f"`cnnft-reproduce` calls on this root ({len(calls)}; each unit's latest status is "
+                  "below, with the call that set it; `unfinished`: still running, e.g. the call that "
+                  "built this report, or killed):", "",
+                  _md_table(["call", "started", "stages", "overrides", "commit", "status", "wall time (s)"],
+                            [[str(i), c.get("started", ""), " ".join(c.get("stages") or []),
+                              " ".join(c.get("overrides") or []) or "none", c.get("commit", ""),
+                              c.get("status", ""), seconds(c)] for i, c in enumerate(calls, 1)]), ""]
     if res.stages:
-        lines += ["", "## Stages", "",
-                  _md_table(["unit", "status", "wall time (s)"],
-                            [[k, v.get("status", ""), "" if v.get("wall_s") is None else f"{v['wall_s']:.0f}"]
-                             for k, v in res.stages.items()])]
-        if res.info.get("wall_s") is not None:
-            lines.append(f"\nTotal wall time of the last `cnnft-reproduce` call: {res.info['wall_s']:.0f} s.")
+        lines.append(_md_table(["unit", "status", "wall time (s)", "call"],
+                               [[k, v.get("status", ""), seconds(v), str(v.get("call", ""))]
+                                for k, v in res.stages.items()]))
+        total = sum(c["wall_s"] for c in calls if c.get("wall_s") is not None)
+        if total:
+            lines.append(f"\nTotal wall time of the {len(calls)} `cnnft-reproduce` call(s): {total:.0f} s.")
     return "\n".join(lines) + "\n"
 
 

@@ -43,6 +43,21 @@ def git_commit() -> str:
     return sha + ("-dirty" if dirty else "")
 
 
+#: What each call of cnnft-reproduce records in ``reproduce.json`` besides its ``id``.
+CALL_KEYS = ("started", "finished", "stages", "overrides", "commit", "machine", "wall_s", "status")
+
+
+def reproduce_calls(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The calls a ``reproduce.json`` lists, oldest first. A file written before calls were kept
+    (one call's facts at the top level) counts as one call."""
+    if "calls" in data:
+        return [dict(c) for c in data["calls"]]
+    if not data.get("started"):
+        return []
+    failed = any(u.get("status") in ("failed", "blocked") for u in (data.get("units") or {}).values())
+    return [{**{k: data[k] for k in CALL_KEYS if k in data}, "status": "failed" if failed else "ok"}]
+
+
 @dataclass
 class Results:
     """Everything the report reads. ``tables[network][analysis]`` is a results JSON payload."""
@@ -182,8 +197,12 @@ def _add_root(res: Results, root: Path) -> None:
     status = root / "reproduce.json"
     if status.is_file():
         data = json.loads(status.read_text())
-        res.stages.update(data.pop("units", {}))
-        res.info = {**data, **res.info}
+        res.stages.update(data.get("units", {}))
+        calls = reproduce_calls(data)
+        latest = calls[-1] if calls else {}
+        res.info = {**{k: v for k, v in data.items() if k != "units"},
+                    **{k: latest[k] for k in ("commit", "machine") if k in latest},
+                    "calls": calls, **res.info}
     if not res.info.get("scale"):
         res.info.update(_info_from_config(root / "pretrain"))
 
