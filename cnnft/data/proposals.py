@@ -81,10 +81,10 @@ class ProposalSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        tup = functools.partial(object.__setattr__, self)
-        tup("ks", tuple(int(k) for k in self.ks))
-        tup("color_spaces", tuple(str(c).lower() for c in self.color_spaces))
-        tup("strategies", tuple(tuple(str(p).lower() for p in s) for s in self.strategies))
+        normalise = functools.partial(object.__setattr__, self)  # YAML lists -> tuples (frozen)
+        normalise("ks", tuple(int(k) for k in self.ks))
+        normalise("color_spaces", tuple(str(c).lower() for c in self.color_spaces))
+        normalise("strategies", tuple(tuple(str(p).lower() for p in s) for s in self.strategies))
         if self.source not in SOURCES:
             raise ConfigError(f"proposals.source={self.source!r}; expected one of {list(SOURCES)}")
         if self.source == "file" and not self.path:
@@ -298,7 +298,8 @@ def compute_proposals(images: Sequence[tuple[str, str | Path]], cache_dir: str |
                 bar.update()
         bar.close()
     if skipped:
-        skipped = [i for i, _ in images if i in set(skipped)]  # in the split's order
+        left_out = set(skipped)
+        skipped = [i for i, _ in images if i in left_out]  # in the split's order
         log.warning("selective search: %d corrupt image(s) skipped (data.skip_corrupt=true): %s",
                     len(skipped), ", ".join(skipped[:10]))
     out = {i: load_cached(files[i]) for i, _ in images if i not in set(skipped)}
@@ -367,6 +368,14 @@ def _hdf5_value(ds: Any) -> Any:
     return np.asarray(data).T
 
 
+@functools.lru_cache(maxsize=2)
+def _read_cells(path: str, stamp: str) -> tuple[list[Any], list[Any]]:
+    """The file's cells, read once per process and file version (``stamp``): fine-tuning checks
+    the file when it is configured and reads it again for its windows."""
+    p = Path(path)
+    return _cells_hdf5(p) if _is_hdf5(p) else _cells_scipy(p) or _cells_hdf5(p)
+
+
 def _image_id(cell: Any) -> str:
     value = np.asarray(cell).ravel()
     return str(value[0]) if value.size == 1 else "".join(map(str, value))
@@ -382,8 +391,7 @@ def read_proposal_file(path: str | Path, images: Sequence[Any], *,
     if not path.is_file():
         raise DataError(f"proposals file {path} does not exist; expected R-CNN's "
                         "selective_search_data/voc_2007_<split>.mat (proposals.path)")
-    cells = _cells_hdf5(path) if _is_hdf5(path) else _cells_scipy(path) or _cells_hdf5(path)
-    ids, boxes = cells
+    ids, boxes = _read_cells(str(path), files_fingerprint([path]))
     if len(ids) != len(boxes):
         raise DataError(f"proposals file {path}: {len(ids)} image ids but {len(boxes)} box arrays; "
                         "expected one per image")
