@@ -2,7 +2,7 @@
 layer at or after pool5 (paper Tables 2, 3, 5, 8).
 
 Per-class SVMs are trained on trainval by hard-negative mining and tested on up to
-``max_proposals`` selective-search proposals per test image (top ``top_k`` per class and image,
+``max_proposals`` proposals (``conf/proposals``) per test image (top ``top_k`` per class and image,
 R-CNN's per-class test-set cap ``max_per_set``, NMS at ``nms_iou``), scored with the VOC07
 detection AP (``cnnft.detection``). Feature ablations
 (``ablations=[...]``, paper Table 5) apply to pool5. Logged keys: ``detection/<layer>/mAP`` and
@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from cnnft.analysis import Analysis, AnalysisContext, save_figure, write_table
-from cnnft.data.proposals import ProposalSettings
+from cnnft.data.proposals import ProposalSource
 from cnnft.data.transforms import as_mean
 from cnnft.detection.evaluation import max_per_set_value
 from cnnft.detection.mining import MiningConfig
@@ -73,11 +73,10 @@ class Detection(Analysis):
         mining = dict(mining or {})
         self.norm_sample_images = int(mining.pop("norm_sample_images", norm_sample_images))
         self.mining = MiningConfig(**dict(svm or {}), **mining)
-        props = dict(proposals or {})
-        self.proposal_cache = props.pop("cache_dir", None)
-        self.compute_missing = bool(props.pop("compute_missing", True))
-        self.proposal_workers = int(props.pop("workers", 2))
-        self.proposal_settings = ProposalSettings(**props)
+        source = ProposalSource.from_config(proposals)  # conf/proposals
+        self.proposal_cache = source.cache_dir
+        self.compute_missing, self.proposal_workers = source.compute_missing, source.workers
+        self.proposal_settings = source.settings
         max_per_set_value(max_per_set, 1)  # refused here, before anything runs
         self.options = dict(max_proposals=max_proposals, train_split=train_split, test_split=test_split,
                             top_k=top_k, max_per_set=max_per_set, nms_iou=nms_iou, match_iou=match_iou,

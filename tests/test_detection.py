@@ -244,7 +244,7 @@ def test_class_without_training_positives_is_named(data_dir: Path) -> None:
 TINY_ANALYZE = [*TINY_DATA, "model.width=0.125", "model.input_size=67", "model.resize=76",
                 "model.context_pad=5", "data.num_workers=0", "logger=csv", "progress=false",
                 "batch_size=64", "recipe.detection.retrain_limit=300",
-                "analyses.detection.proposals.workers=1"]
+                "proposals.workers=1"]
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +257,7 @@ def fifty_fifty(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Pat
     train(compose_cfg([*TINY_RUN, "experiment=fifty_fifty",
                        f"pretrained={root / 'pre' / 'snapshots' / 'iter_0000004.ckpt'}",
                        "analyses=[detection]", "layers=[pool5]", "recipe.detection.retrain_limit=300",
-                       "analyses.detection.proposals.workers=1"], out, data_dir))
+                       "proposals.workers=1"], out, data_dir))
     return out
 
 
@@ -303,8 +303,8 @@ def test_analyze_detection_writes_results(fifty_fifty: Path, data_dir: Path, tmp
 
 def test_analyze_without_cached_proposals_and_computing_off(data_dir: Path, tmp_path: Path) -> None:
     cfg = compose_cfg([*TINY_ANALYZE, "checkpoint=random", "analyses=[detection]", "layers=[pool5]",
-                       f"analyses.detection.proposals.cache_dir={tmp_path / 'empty'}",
-                       "analyses.detection.proposals.compute_missing=false"], tmp_path, data_dir,
+                       f"proposals.cache_dir={tmp_path / 'empty'}",
+                       "proposals.compute_missing=false"], tmp_path, data_dir,
                       name="analyze")
     with pytest.raises(DataError, match="no cached proposals"):
         analyze(cfg)
@@ -339,7 +339,7 @@ def _random_score_map(data_dir: Path, tmp_path: Path) -> float:
 
 
 DETECTION_JOB = ["analyses=[detection]", "layers=[pool5,relu7]", "data.num_workers=0", "logger=csv",
-                 "progress=false", "analyses.detection.proposals.workers=1"]
+                 "progress=false", "proposals.workers=1"]
 
 
 @pytest.mark.slow

@@ -21,11 +21,12 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from cnnft.data.datasets import ClassificationDataset, WindowDataset, collate_skipping
 from cnnft.data.imagenet import scan_imagenet
-from cnnft.data.proposals import ProposalSettings, compute_proposals
+from cnnft.data.proposals import ProposalSource
 from cnnft.data.sampling import EpochSampler, ForegroundBackgroundSampler, StepSampler, rank_share
 from cnnft.data.transforms import resolve_mean
 from cnnft.data.voc import VOC_CLASSES, VOCImage, load_voc
@@ -171,30 +172,44 @@ class VOCWindowsDataModule(_StepDataModule):
     takes its share of each); validation on a fixed sample of windows of ``val_split`` drawn
     the same way.
 
-    "Difficult" objects: with ``use_difficult=False`` (default) they are not training windows,
-    and proposals whose best match is a difficult object (IoU >= fg_threshold) are dropped.
+    "Difficult" objects: with ``use_difficult=True`` (default, as R-CNN's window file: its ground
+    truth and overlaps include them) they are ground-truth windows and label the proposals they
+    overlap like any object; with ``False`` they are not windows, and proposals whose best match
+    is a difficult object (IoU >= fg_threshold) are dropped.
+
+    Proposals: ``proposals`` is the ``conf/proposals`` mapping (``ProposalSource.from_config``;
+    ``cache_dir`` and ``proposal_workers`` fill what it leaves out). A proposals file that does not
+    cover both splits raises here, before anything is computed or written. With ``skip_corrupt``,
+    images that cannot be decoded for selective search are left out of the windows, logged, and
+    counted (``skipped_images``, logged as ``data/skipped_images``).
     """
 
-    def __init__(self, root: str, *, cache_dir: str, proposals: dict[str, Any] | None = None,
+    def __init__(self, root: str, *, cache_dir: str | None = None,
+                 proposals: dict[str, Any] | None = None,
                  train_split: str = "trainval", val_split: str = "test", crop: int = 227,
                  context_pad: int = 16, mean: Sequence[float] = (122.68, 116.67, 104.01),
                  mirror: bool = True, batch_size: int = 128, fg_per_batch: int = 32,
-                 fg_threshold: float = 0.5, use_difficult: bool = False, val_batches: int = 10,
+                 fg_threshold: float = 0.5, use_difficult: bool = True, val_batches: int = 10,
                  eval_batch_size: int | None = None, num_workers: int = 4,
                  proposal_workers: int = 2, seed: int = 0, skip_corrupt: bool = False,
                  mean_image: str | None = None) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed,
                          eval_batch_size=eval_batch_size)
-        self.root, self.cache_dir = Path(root), Path(cache_dir)
-        self.proposal_settings = ProposalSettings(**(proposals or {}))
+        self.root = Path(root)
+        self.proposals = ProposalSource.from_config(proposals, workers=proposal_workers,
+                                                    **({"cache_dir": cache_dir} if cache_dir else {}))
         self.train_split, self.val_split = train_split, val_split
         self.crop, self.context_pad, self.mirror = crop, context_pad, mirror
         self.mean = resolve_mean(mean, mean_image)  # model.mean_image: Caffe's mean image
         self.fg_per_batch, self.fg_threshold = fg_per_batch, fg_threshold
         self.use_difficult, self.val_batches = use_difficult, val_batches
-        self.proposal_workers, self.skip_corrupt = proposal_workers, skip_corrupt
+        self.skip_corrupt = skip_corrupt
         self.classes = list(VOC_CLASSES)
         self._sets: dict[str, WindowDataset] = {}
+        self.skipped_images: dict[str, list[str]] = {}
+        if self.proposals.settings.source == "file":  # fail before training starts, not in setup
+            for split in dict.fromkeys((train_split, val_split)):
+                self.proposals.check(load_voc(self.root, split), split)
 
     @property
     def num_classes(self) -> int:
@@ -204,17 +219,20 @@ class VOCWindowsDataModule(_StepDataModule):
         super().check_world_size(world_size)
         rank_share(self.fg_per_batch, world_size, "datamodule.fg_per_batch")
 
-    def _proposals(self, images: Sequence[VOCImage]) -> dict[str, np.ndarray]:
-        return compute_proposals([(im.image_id, im.path) for im in images], self.cache_dir,
-                                 self.proposal_settings, workers=self.proposal_workers)
+    def _proposals(self, images: Sequence[VOCImage], split: str) -> dict[str, np.ndarray]:
+        boxes, skipped = self.proposals.boxes(images, split, skip_corrupt=self.skip_corrupt)
+        self.skipped_images[split] = skipped
+        return boxes
 
     def prepare_data(self) -> None:
-        for split in (self.train_split, self.val_split):
-            self._proposals(load_voc(self.root, split))
+        for split in dict.fromkeys((self.train_split, self.val_split)):
+            self._proposals(load_voc(self.root, split), split)
 
     def _windows(self, split: str, mirror: bool) -> WindowDataset:
         images = load_voc(self.root, split)
-        index, boxes, labels = build_windows(images, self._proposals(images),
+        proposals = self._proposals(images, split)
+        images = [im for im in images if im.image_id in proposals]  # corrupt ones skipped
+        index, boxes, labels = build_windows(images, proposals,
                                              fg_threshold=self.fg_threshold,
                                              use_difficult=self.use_difficult)
         return WindowDataset([im.path for im in images], index, boxes, labels, crop=self.crop,
@@ -226,6 +244,7 @@ class VOCWindowsDataModule(_StepDataModule):
             return
         self._sets["train"] = self._windows(self.train_split, self.mirror)
         val = self._windows(self.val_split, False)
+        self._report_skipped()
         sampler = self._sampler(val, rank=0, world=1, seed=self.seed + 1)
         keep = np.concatenate([sampler.global_batch(s) for s in range(self.val_batches)])
         keep = np.unique(keep)  # a fixed sample; duplicates of with-replacement draws removed
@@ -233,6 +252,16 @@ class VOCWindowsDataModule(_StepDataModule):
                                           val.labels[keep], crop=self.crop, pad=self.context_pad,
                                           mean=self.mean, mirror=False,
                                           skip_corrupt=self.skip_corrupt)
+
+    def _report_skipped(self) -> None:
+        """Warn about and log the images left out as corrupt (``data/skipped_images``)."""
+        count = sum(len(v) for v in self.skipped_images.values())
+        if not count:
+            return
+        names = {s: v[:5] for s, v in self.skipped_images.items() if v}
+        rank_zero_warn(f"fine-tuning without {count} corrupt image(s) (data.skip_corrupt=true): {names}")
+        for logger in (self.trainer.loggers if self.trainer is not None else []):
+            logger.log_metrics({"data/skipped_images": float(count)}, step=0)
 
     def _sampler(self, windows: WindowDataset, *, rank: int, world: int,
                  seed: int) -> ForegroundBackgroundSampler:

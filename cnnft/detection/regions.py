@@ -1,7 +1,8 @@
 """Region features for detection: proposals per image, warped on the device, pool5 cached on disk.
 
 Each image's windows are its ground-truth boxes (training splits; "difficult" ones left out)
-followed by its selective-search proposals (cached by ``cnnft.data.proposals``; at most
+followed by its proposals (``cnnft.data.proposals``: cached selective search, or R-CNN's boxes
+from a file, ``proposals.source``; at most
 ``max_proposals``, clipped to the image: boxes reaching outside are clipped and counted, boxes
 left empty are dropped and counted). All windows of an image are warped at once on the model's
 device (``cnnft.data.windows.warp_boxes``: roi_align with the context padding) and pass through
@@ -29,7 +30,7 @@ from torchvision.ops import clip_boxes_to_image
 
 from cnnft.ablations import unroll
 from cnnft.data.images import load_rgb
-from cnnft.data.proposals import ProposalSettings, compute_proposals
+from cnnft.data.proposals import ProposalSettings, ProposalSource
 from cnnft.data.transforms import Mean, to_tensor, window_source
 from cnnft.data.voc import VOCImage
 from cnnft.data.windows import warp_boxes
@@ -90,9 +91,10 @@ def make_regions(images: Sequence[VOCImage], proposals: dict[str, np.ndarray], *
 def split_regions(images: Sequence[VOCImage], split: str, *, cache_dir: str | Path,
                   settings: ProposalSettings, max_proposals: int, include_gt: bool,
                   compute_missing: bool = True, workers: int = 2, progress: bool = True) -> Regions:
-    """``make_regions`` with the cached selective-search proposals of ``images``."""
-    props = compute_proposals([(im.image_id, im.path) for im in images], cache_dir, settings,
-                              workers=workers, progress=progress, compute_missing=compute_missing)
+    """``make_regions`` with the proposals of ``images``: cached selective search, or R-CNN's boxes
+    read from ``settings.path`` (``settings.source``)."""
+    source = ProposalSource(settings, Path(cache_dir), workers, compute_missing)
+    props, _ = source.boxes(images, split, progress=progress)
     return make_regions(images, props, split=split, max_proposals=max_proposals, include_gt=include_gt)
 
 
