@@ -49,6 +49,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cnnft.callbacks import snapshot_name
 from cnnft.checkpoint import model_state, read_checkpoint
+from cnnft.cli import command
 from cnnft.errors import ConfigError
 from cnnft.io import files_fingerprint, write_json
 from cnnft.train import CONF_DIR
@@ -468,6 +469,7 @@ def reproduce(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, dict[
     return status
 
 
+@command
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="reproduce")
 def main(cfg: DictConfig) -> None:
     overrides = list(HydraConfig.get().overrides.task)
