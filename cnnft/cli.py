@@ -73,7 +73,10 @@ OmegaConf.register_new_resolver("cnnft.options", group_options, replace=True)
 
 def check_group_choices(args: Sequence[str]) -> None:
     """Raise ConfigError for an unknown option in a list-valued group override
-    (``analyses=[probe_cls,nosuch]``, also in sweeps ``[a],[b]``), listing the options."""
+    (``analyses=[probe_cls,nosuch]``, also in sweeps ``[a],[b]``), listing the options. Options
+    from other config directories (``--config-dir``, ``hydra.searchpath``) are Hydra's to check."""
+    if any(a.startswith(("--config-dir", "-cd", "hydra.searchpath")) for a in args):
+        return
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
             continue

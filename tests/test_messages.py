@@ -117,6 +117,7 @@ def test_unknown_analysis_lists_the_options() -> None:
     with pytest.raises(ConfigError, match="'nope'.*spatial_max"):
         check_group_choices(["-m", "ablations=[unroll],[nope]"])
     check_group_choices(["analyses=[probe_cls,filter_viz]", "ablations=[]", "freeze=fc", "stages=[x]"])
+    check_group_choices(["--config-dir", "mine", "analyses=[my_analysis]"])  # Hydra checks those
     script = Path(sys.executable).parent / "cnnft-train"
     out = subprocess.run([str(script), "analyses=[nosuch]"], capture_output=True, text=True)
     assert out.returncode == 1
