@@ -9,14 +9,17 @@ snapshots draws one grid per snapshot.
 Files: ``figures/filter_viz_iter_XXXXXXX.png`` per iteration (also a W&B image),
 ``results/filter_viz.json|csv`` rows ``{iteration, figure}`` (figure path relative to the output
 directory), and ``figures/training_curves.png`` (training loss and validation top-1 against
-iteration, dotted lines at the drawn iterations) when the run's ``csv/metrics.csv`` is found: in
-the run directory during training, in the run directory above the checkpoint's folder with
-``cnnft-analyze``. Logged keys: none.
+iteration, dotted lines at the drawn iterations) from the training run's ``csv/metrics.csv``: the
+run directory's during training; with ``cnnft-analyze``, the one beside the checkpoint's
+``checkpoints/`` or ``snapshots/`` folder (``<run>/csv/metrics.csv``). Where there is none, or it
+holds no training curve (``checkpoint=random``, a state dict from elsewhere), the figure is left
+out and the log says why. Logged keys: none.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -30,6 +33,8 @@ from torch import nn
 
 from cnnft.analysis import Analysis, AnalysisContext, save_figure, write_table
 from cnnft.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 #: Keys of ``csv/metrics.csv`` drawn by :func:`plot_training_curves` (see ``cnnft.module``).
 CURVE_KEYS = ("train/loss", "val/top1")
@@ -112,7 +117,9 @@ def plot_training_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
     for mark in marks:
         ax.axvline(mark, color="grey", lw=0.8, ls=":")
     if handles:
-        ax.legend(handles=handles, loc="center right", fontsize=8)
+        # above the axes: inside, it covered the curves' ends
+        ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8,
+                  frameon=False)
     ax.grid(alpha=0.3)
     return fig
 
@@ -153,18 +160,31 @@ class FilterViz(Analysis):
         rows = [{"iteration": h["iteration"], "figure": os.path.relpath(h["figure"], root)}
                 for h in sorted(self.history, key=lambda h: h["iteration"])]
         write_table(ctx, self.name, rows)
+        target = ctx.output_dir / "figures" / "training_curves.png"
         metrics_csv = self.metrics_csv(ctx)
-        if metrics_csv is not None:
-            save_figure(ctx, training_curves_figure(metrics_csv, [r["iteration"] for r in rows]),
+        curves = read_metrics_csv(metrics_csv) if metrics_csv is not None else {}
+        if curves:
+            save_figure(ctx, plot_training_curves(curves, [r["iteration"] for r in rows]),
                         "training_curves")
+            return
+        where = (f"{metrics_csv} has no {' or '.join(CURVE_KEYS)} values" if metrics_csv is not None
+                 else f"no training run's csv/metrics.csv found for {ctx.checkpoint or ctx.output_dir}")
+        log.info("filter_viz: %s; %s left out", where, target)
+        target.unlink(missing_ok=True)  # never leave an earlier call's figure of other data
 
     @staticmethod
     def metrics_csv(ctx: AnalysisContext) -> Path | None:
-        """The training run's ``csv/metrics.csv`` (CSV loggers flushed first), if there is one."""
-        for logger in ctx.loggers:
-            if isinstance(logger, CSVLogger):
-                logger.save()
-        candidates = [ctx.output_dir / "csv" / "metrics.csv"]
-        if ctx.checkpoint is not None:
-            candidates.append(Path(ctx.checkpoint).resolve().parents[1] / "csv" / "metrics.csv")
-        return next((p for p in candidates if p.is_file()), None)
+        """The training run's ``csv/metrics.csv`` if there is one: the run directory's during
+        training (CSV loggers flushed first), else the one beside the analysed checkpoint's
+        ``checkpoints/`` or ``snapshots/`` folder."""
+        if ctx.checkpoint is None:
+            for logger in ctx.loggers:
+                if isinstance(logger, CSVLogger):
+                    logger.save()
+            path = ctx.output_dir / "csv" / "metrics.csv"
+        else:
+            folder = Path(ctx.checkpoint).resolve().parent
+            if folder.name not in ("checkpoints", "snapshots"):
+                return None
+            path = folder.parent / "csv" / "metrics.csv"
+        return path if path.is_file() else None

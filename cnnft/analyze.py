@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnft.analysis import AnalysisContext
 from cnnft.checkpoint import load_pretrained, read_checkpoint
+from cnnft.cli import command, require
 from cnnft.data.transforms import resolve_mean
 from cnnft.errors import CheckpointError
 from cnnft.features import FeatureCache, file_digest, model_digest
@@ -71,6 +72,7 @@ def load_network(spec: str, cfg: DictConfig) -> tuple[CaffeNet, dict[str, Any], 
 
 def analyze(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Run every configured analysis on every checkpoint; returns metrics per checkpoint."""
+    require(cfg, "checkpoint", "data.voc_root")
     torch.set_flush_denormal(bool(cfg.get("flush_denormal", True)))
     prepare_demo_data(cfg)
     out = Path(cfg.paths.output_dir)
@@ -109,6 +111,7 @@ def analyze(cfg: DictConfig) -> dict[str, dict[str, float]]:
     return results
 
 
+@command
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="analyze")
 @task_wrapper()
 def main(cfg: DictConfig) -> None:

@@ -9,6 +9,7 @@ is accepted as pretrained weights too; so is one converted from Caffe's bvlc_ref
 
 from __future__ import annotations
 
+import codecs
 import os
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,36 @@ def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = False) -> dict
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises several types for foreign or corrupt files
-        raise CheckpointError(f"cannot read checkpoint {path} with weights_only=True: {e}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {unreadable_reason(path, e)}; expected "
+                              "a file written by torch.save (a cnnft checkpoint or a CaffeNet "
+                              "state dict)") from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}; expected a dict")
     return ckpt
+
+
+def unreadable_reason(path: Path, error: Exception) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in words (torch's own text can be a
+    bare ``101``: a ``KeyError`` on the first byte of a text file)."""
+    with path.open("rb") as f:
+        head = f.read(512)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK\x03\x04"):
+        if isinstance(error, RuntimeError):
+            return "a damaged PyTorch archive (truncated or partly copied?)"
+        return ("it holds Python objects that weights_only=True refuses to load (a whole pickled "
+                "model? save its state_dict)")
+    try:  # an incremental decoder keeps back a character cut at byte 512
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)
+    except UnicodeDecodeError:
+        text = "\x00"
+    if all(c.isprintable() or c.isspace() for c in text):
+        first = text.strip().splitlines()[0][:40] if text.strip() else ""
+        return f"not a PyTorch checkpoint: a text file (it starts {first!r})"
+    if head[:1] == b"\x80":
+        return "a Python pickle that is not a weights-only PyTorch checkpoint"
+    return f"not a PyTorch checkpoint (unknown format; torch says {type(error).__name__})"
 
 
 def model_state(ckpt: dict[str, Any], path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

@@ -55,6 +55,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cnnft.callbacks import snapshot_name
 from cnnft.checkpoint import model_state, pretrained_state, read_checkpoint
+from cnnft.cli import command
 from cnnft.errors import CheckpointError, ConfigError
 from cnnft.features import file_digest, model_digest
 from cnnft.io import files_fingerprint, stable_hash, write_json
@@ -673,6 +674,7 @@ def reproduce(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, dict[
     return status
 
 
+@command
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="reproduce")
 def main(cfg: DictConfig) -> None:
     overrides = list(HydraConfig.get().overrides.task)

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cnnft.callbacks import AtomicCheckpointIO
 from cnnft.checkpoint import read_checkpoint
+from cnnft.cli import command, require
 from cnnft.data.demo import DemoSpec, generate_demo
 from cnnft.errors import CnnftError, ConfigError
 from cnnft.io import atomic_write
@@ -47,8 +48,9 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
 
 
 def plain(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as plain Python containers (safe for ``weights_only`` loading)."""
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+    """The resolved config as plain Python containers (safe for ``weights_only`` loading); a
+    mandatory value this stage does not read (``data.voc_root`` when pretraining) stays ``???``."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
 
 
 def _select(cfg: dict[str, Any], dotted: str) -> Any:
@@ -197,6 +199,7 @@ def save_config(cfg: DictConfig, output_dir: Path) -> None:
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Run one stage; return the final metrics and the objects used."""
     output_dir = Path(cfg.paths.output_dir)
+    require(cfg, "datamodule", *(["data.voc_root"] if cfg.get("analyses") else []))
     if cfg.stage.name == "finetune" and not cfg.pretrained:
         raise ConfigError("stage=finetune needs pretrained=PATH: a cnnft checkpoint (e.g. "
                           "outputs/pretrain/<run>/checkpoints/last.ckpt) or a CaffeNet state dict")
@@ -225,6 +228,7 @@ def accept_run(cfg: DictConfig) -> None:
     resume_checkpoint(cfg, Path(cfg.paths.output_dir))
 
 
+@command
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 @task_wrapper(accept=accept_run)
 def main(cfg: DictConfig) -> float | None:

@@ -116,8 +116,6 @@ def figure5(res: Results) -> Any | None:
     loss, top1 = res.curves.get("train/loss", []), res.curves.get("val/top1", [])
     if not res.snapshot_files and not loss:
         return None
-    plt = _plt()
-    fig = plt.figure(figsize=(11, 7), layout="constrained")
     iterations = sorted(res.snapshot_files)
     picks: list[int] = []
     if iterations:
@@ -127,16 +125,23 @@ def figure5(res: Results) -> Any | None:
             best = min(iterations, key=lambda it: abs(it - target))
             if best not in picks:
                 picks.append(best)
-    for i, it in enumerate(picks):
-        ax = fig.add_subplot(2, 3, i + 1)
-        ax.imshow(_conv1_tiles(res.snapshot_files[it]), interpolation="nearest")
-        ax.set_title(f"conv1 at iteration {it}", fontsize=9)
-        ax.axis("off")
-    ax = fig.add_subplot(2, 2, 3)
+    plt = _plt()
+    # grids above, curves below, each row a sub-figure laid out on its own (subplots of a 2x3 and
+    # a 2x2 grid in one figure overlapped: the grids covered the curves' titles)
+    fig = plt.figure(figsize=(11, 7.5 if picks else 3.8), layout="constrained")
+    bottom = fig
+    if picks:
+        top, bottom = fig.subfigures(2, 1, height_ratios=[1.1, 1.0])
+        for ax, it in zip(top.subplots(1, 3), [*picks, None, None]):
+            ax.axis("off")
+            if it is not None:
+                ax.imshow(_conv1_tiles(res.snapshot_files[it]), interpolation="nearest")
+                ax.set_title(f"conv1 at iteration {it}", fontsize=9)
+    ax, right = bottom.subplots(1, 2)
     if loss:
         ax.plot(*zip(*loss), lw=0.8)
     ax.set(xlabel="iteration", ylabel="training loss", title="training loss")
-    ax = fig.add_subplot(2, 2, 4)
+    ax = right
     if top1:
         ax.plot(*zip(*[(s, 100 * v) for s, v in top1]), marker=".")
     ax.set(xlabel="iteration", ylabel="top-1 (%)", title="validation top-1 (ImageNet layout)")
