@@ -24,9 +24,10 @@ from cnnft.analysis import Analysis, AnalysisContext, save_figure, write_table
 from cnnft.data.proposals import ProposalSource
 from cnnft.data.transforms import as_mean
 from cnnft.detection.evaluation import max_per_set_value
-from cnnft.detection.mining import MiningConfig
+from cnnft.detection.mining import RCNN_SVM, MiningConfig
 from cnnft.detection.pipeline import Ablation, DetectionSettings, run_detection
 from cnnft.probing import map_metrics
+from cnnft.svm import SVMConfig
 
 
 def plot_per_class(rows: Sequence[dict[str, Any]], title: str) -> Any:
@@ -72,7 +73,8 @@ class Detection(Analysis):
         self.layers, self.ablations = list(layers), dict(ablations or {"unroll": unroll})
         mining = dict(mining or {})
         self.norm_sample_images = int(mining.pop("norm_sample_images", norm_sample_images))
-        self.mining = MiningConfig(**dict(svm or {}), **mining)
+        svm_cfg = SVMConfig.from_mapping(svm, "analyses.detection.svm", base=RCNN_SVM)  # conf/svm/rcnn.yaml
+        self.mining = MiningConfig(svm=svm_cfg, **mining)
         source = ProposalSource.from_config(proposals)  # conf/proposals
         self.proposal_cache = source.cache_dir
         self.compute_missing, self.proposal_workers = source.compute_missing, source.workers

@@ -33,7 +33,7 @@ from cnnft.analysis import Analysis, AnalysisContext, class_panels, save_figure,
 from cnnft.data.voc import VOC_CLASSES
 from cnnft.errors import ConfigError
 from cnnft.metrics import average_precision
-from cnnft.svm import SVMConfig, fit_probe, train_svms
+from cnnft.svm import LinearScorer, SVMConfig, fit_probe, train_svms
 
 PAPER_KS = (1, 2, 3, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 80, 100, 128, 256)
 TASKS = ("image", "gtbox")
@@ -67,9 +67,10 @@ def unit_count_curves(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: 
     mask = (rank[:, None, :] < kk[None, :, None]).reshape(n * len(ks), units)          # (class, k) rows
     y = torch.as_tensor(y_train).bool().repeat_interleave(len(ks), dim=1)
     ignore = None if ignore_train is None else torch.as_tensor(ignore_train).repeat_interleave(len(ks), 1)
-    W, b = train_svms(probe._prepare(x_train), y, probe.c.repeat_interleave(len(ks)), cfg=svm,
+    W, b = train_svms(probe.normalized(x_train), y, probe.c.repeat_interleave(len(ks)), cfg=svm,
                       ignore=ignore, feature_mask=mask)
-    scores = (probe._prepare(x_test) @ W.T + b).double().cpu().numpy()
+    subsets = LinearScorer(W, b, probe.normalize, probe.scale)  # (class, k) SVMs on the probe's features
+    scores = subsets.scores(x_test).double().cpu().numpy()
     yt = torch.as_tensor(y_test).bool().numpy()
     it = None if ignore_test is None else torch.as_tensor(ignore_test).bool().numpy()
     ap = np.zeros((n, len(ks)))
@@ -125,7 +126,7 @@ class UnitCount(Analysis):
             raise ConfigError(f"unit_count task={task!r}; expected one of {list(TASKS)}")
         clip_ks(ks, max(ks) if ks else 1)
         self.layer, self.task, self.ks = layer, task, [int(k) for k in ks]
-        self.svm = SVMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in (svm or {}).items()})
+        self.svm = SVMConfig.from_mapping(svm, "analyses.unit_count.svm")
         self.train_split, self.test_split = train_split, test_split
         self.train_difficult, self.ap_mode, self.center_crop = train_difficult, ap_mode, center_crop
 

@@ -30,7 +30,7 @@ import torch
 from cnnft.checkpoint import load_pretrained, read_checkpoint
 from cnnft.data.proposals import ProposalSettings
 from cnnft.data.voc import VOC_CLASSES, load_voc
-from cnnft.detection import MiningConfig, MiningStats, mean_norm_scale, mine_detectors
+from cnnft.detection import MiningConfig, MiningStats, mine_detectors
 from cnnft.detection.pipeline import (
     DetectionSettings,
     build_store,
@@ -40,6 +40,7 @@ from cnnft.detection.pipeline import (
 from cnnft.detection.regions import layer_transform, split_regions
 from cnnft.features import FeatureCache
 from cnnft.models.caffenet import CaffeNet
+from cnnft.svm import mean_norm_scale
 
 
 def network(checkpoint: str | None) -> CaffeNet:

@@ -35,7 +35,11 @@ import sklearn
 import torch
 
 from cnnft.metrics import mean_average_precision
-from cnnft.svm import SVMConfig, _augment, _inputs, _sk_fit, fit_probe, fold_ids, normalize_features
+from cnnft.svm import SVMConfig, fit_probe, fold_ids, normalize_features, solver_dtype
+from cnnft.svm.solver import augment
+from tests.svm_reference import linear_svc, sklearn_solver
+
+SKLEARN_MAX_ITER = 2000  # LinearSVC's max_iter (the reference's default)
 
 
 def synthetic_features(n: int, dim: int, classes: int, *, noise: float, seed: int,
@@ -89,11 +93,10 @@ def time_torch(x, y, xt, yt, cfg: SVMConfig, threads: int) -> dict:
 
 
 def time_sklearn_full(x, y, xt, yt, cfg: SVMConfig) -> dict:
-    sk = SVMConfig(**{**cfg.__dict__, "solver": "sklearn"})
     t0, c0 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        probe = fit_probe(x, y, cfg=sk)
+        probe = fit_probe(x, y, cfg=cfg, solver=sklearn_solver())
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     per_class, m = mean_average_precision(probe.decision_function(xt), yt)
     return {"wall": wall, "cpu": cpu, "map": m, "ap": per_class, "c": probe.c, "extrapolated": False,
@@ -103,8 +106,8 @@ def time_sklearn_full(x, y, xt, yt, cfg: SVMConfig) -> dict:
 
 def time_sklearn_subset(x, y, xt, yt, cfg: SVMConfig, chosen_c: torch.Tensor, k: int, seed: int) -> dict:
     """K random CV fits timed one by one (extrapolated to all), the refits timed in full."""
-    sk = SVMConfig(**{**cfg.__dict__, "solver": "sklearn"})
-    xs, ys, weight = _inputs(x, y, None, sk)
+    sk = cfg
+    xs, ys = x.to(solver_dtype(x, sk)), y.bool()
     xs = normalize_features(xs, "l2") if sk.normalize == "l2" else xs
     if sk.normalize == "mean_norm":
         xs = normalize_features(xs, "mean_norm", sk.target_norm)
@@ -119,19 +122,19 @@ def time_sklearn_subset(x, y, xt, yt, cfg: SVMConfig, chosen_c: torch.Tensor, k:
         warnings.simplefilter("ignore")
         for cls, c, f in drawn:
             t0, c0 = time.perf_counter(), time.process_time()
-            _sk_fit(x64, yn[:, cls], fold != f, c, sk)
+            linear_svc(x64[fold != f], yn[fold != f, cls], c, sk, SKLEARN_MAX_ITER)
             times.append(time.perf_counter() - t0)
             cpus.append(time.process_time() - c0)
         W = []
         t0, c0 = time.perf_counter(), time.process_time()
         for cls in range(n):
-            W.append(_sk_fit(x64, yn[:, cls], np.ones(len(yn), dtype=bool), float(chosen_c[cls]), sk))
+            W.append(linear_svc(x64, yn[:, cls], float(chosen_c[cls]), sk, SKLEARN_MAX_ITER)[0])
         refit, refit_cpu = time.perf_counter() - t0, time.process_time() - c0
     W = torch.from_numpy(np.stack(W)).to(xs.dtype)
     xt_n = normalize_features(xt.to(xs.dtype), "l2") if sk.normalize == "l2" else xt.to(xs.dtype)
     if sk.normalize == "mean_norm":
         xt_n = normalize_features(xt_n, "mean_norm", sk.target_norm, reference=x.to(xs.dtype))
-    scores = _augment(xt_n, sk.bias) @ W.T
+    scores = augment(xt_n, sk.bias) @ W.T
     per_class, m = mean_average_precision(scores, yt)
     return {"wall": statistics.mean(times) * len(cells) + refit,
             "cpu": statistics.mean(cpus) * len(cells) + refit_cpu, "map": m, "ap": per_class, "c": chosen_c,

@@ -84,7 +84,7 @@ def main() -> None:
             for j, k in enumerate(ks):
                 cols = order[c, :k].numpy()
                 svc = LinearSVC(C=float(probe.c[c]), loss="squared_hinge", dual="auto", tol=cfg.tol,
-                                max_iter=cfg.sklearn_max_iter, class_weight={1: cfg.pos_weight, 0: 1.0},
+                                max_iter=2000, class_weight={1: cfg.pos_weight, 0: 1.0},
                                 intercept_scaling=cfg.bias)
                 svc.fit(x64[:, cols], yn[:, c])
                 s_sk[:, c * len(ks) + j] = svc.decision_function(xt64[:, cols])

@@ -124,7 +124,7 @@ def run_probes(model: nn.Module, train: ProbeSplit, test: ProbeSplit, *, layers:
             label = SolveLabel(f"probe {train.transform['kind']} layer {layer} ablation {name}", VOC_CLASSES)
             probe = fit_probe(xtr, torch.from_numpy(train.labels), cfg=svm, ignore=ignore, stats=solves,
                               label=label)
-            scores = probe.decision_function(xte)
+            scores = probe.scores(xte)
             per_class, mean = mean_average_precision(scores, test.labels, difficult=test.ignore,
                                                      mode=ap_mode)
             rows += [{"layer": layer, "ablation": name, "class": cls, "ap": float(ap),
@@ -187,7 +187,7 @@ class ProbeAnalysis(Analysis):
         from cnnft.ablations import unroll
 
         self.layers, self.ablations = list(layers), dict(ablations or {"unroll": unroll})
-        self.svm = SVMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in (svm or {}).items()})
+        self.svm = SVMConfig.from_mapping(svm, f"analyses.{self.name}.svm")
         self.train_split, self.test_split = train_split, test_split
         self.train_difficult, self.ap_mode = train_difficult, ap_mode
 

@@ -27,6 +27,7 @@ from cnnft.detection import (
 from cnnft.detection.evaluation import max_per_set_value, nms_per_class, set_thresholds
 from cnnft.detection.pipeline import as_training_windows, check_classes, positive_labels
 from cnnft.errors import ConfigError, DataError
+from cnnft.svm import SVMConfig
 from cnnft.train import train
 from tests.conftest import TINY_DATA, TINY_RUN, compose_cfg
 
@@ -180,7 +181,8 @@ def test_hard_negative_mining_keeps_hard_and_evicts_easy(warm_start: bool) -> No
     features = [(torch.cat([x, torch.ones_like(x)], 1), m) for x, m in images]  # bias-like 2nd dim
     # squared hinge: with the hinge the inseparable hard negatives pin the easy ones at margin
     # ~1 (score ~ -1, above the eviction threshold), which is not what this test is about
-    cfg = MiningConfig(c=1.0, bias=1.0, retrain_limit=20, warm_start=warm_start, loss="squared_hinge")
+    svm = SVMConfig(c_grid=(1.0,), folds=1, bias=1.0, normalize="mean_norm", loss="squared_hinge")
+    cfg = MiningConfig(svm=svm, retrain_limit=20, warm_start=warm_start)
     stats = MiningStats()
     det = mine_detectors(torch.cat([pos, torch.ones_like(pos)], 1), torch.ones(20, 1, dtype=torch.bool),
                          iter(features), scale=1.0, cfg=cfg, stats=stats)
@@ -453,3 +455,32 @@ def test_difficult_boxes_are_detection_positives() -> None:
     labels = positive_labels(train.images[0])
     assert labels.shape == (2, len(VOC_CLASSES)) and labels.int().argmax(1).tolist() == [3, 7]
     assert im.difficult.tolist() == [False, True]  # the input keeps its flags (evaluation reads them)
+
+
+def test_mining_config_holds_one_svm_config_written_once() -> None:
+    """``MiningConfig`` keeps mining's knobs and one ``SVMConfig``; the detection analysis reads it
+    from ``conf/svm/rcnn.yaml`` (= ``RCNN_SVM``); the detectors are ``LinearScorer``s."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from cnnft.detection.mining import RCNN_SVM
+    from cnnft.svm import LinearScorer
+    from tests.conftest import CONF
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("analyze", overrides=["checkpoint=x", "analyses=[detection]",
+                                            "analyses.detection.svm.loss=squared_hinge"])
+    GlobalHydra.instance().clear()
+    node = cfg.analyses.detection.svm
+    assert SVMConfig.from_mapping(node) == SVMConfig(**{**RCNN_SVM.__dict__, "loss": "squared_hinge"})
+    assert MiningConfig().svm == RCNN_SVM and MiningConfig().c == 1e-3
+    with pytest.raises(ConfigError, match=r"svm.c_grid=\[0.001, 0.01\]: the detectors train at one C"):
+        MiningConfig(svm=SVMConfig(c_grid=(1e-3, 1e-2), normalize="mean_norm"))
+    with pytest.raises(ConfigError, match=r"detection svm.normalize='l2': .* expected 'mean_norm'"):
+        MiningConfig(svm=SVMConfig(c_grid=(1e-3,), folds=1))
+    pos = torch.tensor([[2.0, 1.0], [2.5, 1.0]])
+    one = torch.ones(2, 1, dtype=torch.bool)
+    det = mine_detectors(pos, one, iter([(-pos, one)]), scale=0.5, cfg=MiningConfig())
+    assert isinstance(det, LinearScorer) and (det.normalize, det.scale) == ("mean_norm", 0.5)
+    assert torch.equal(det.scores(pos), (pos * 0.5) @ det.W.T + det.b)

@@ -116,7 +116,8 @@ def test_every_layer_above_chance_and_solvers_agree(snapshot_run: Path, data_dir
     1.5 mAP points apart at relu7 before ``dtype="auto"`` solved such features in float64."""
     import cnnft.probing
     from cnnft.data.voc import read_class_labels
-    from cnnft.svm import SVMConfig, _sk_fit, normalize_features, train_svms
+    from cnnft.svm import SVMConfig, normalize_features, train_svms
+    from tests.svm_reference import linear_svc
 
     seen = []
     fit = cnnft.probing.fit_probe
@@ -142,7 +143,8 @@ def test_every_layer_above_chance_and_solvers_agree(snapshot_run: Path, data_dir
         for c in (0.001, 0.1, 10.0):
             W, b = train_svms(x.float(), y, c, cfg=svm, ignore=ignore)
             for k in range(y.shape[1]):
-                reference = xb @ _sk_fit(x.numpy(), y[:, k].numpy(), ~ignore[:, k].numpy(), c, svm)[0]
+                rows = ~ignore[:, k].numpy()
+                reference = xb @ linear_svc(x.numpy()[rows], y[:, k].numpy()[rows], c, svm, 2000)[0]
                 ours = (x.float().to(W.dtype) @ W[k] + b[k]).double().numpy()
                 gap = ours - reference  # a common offset (the bias, to the solvers' tol) ranks alike
                 # 1e-7: below it scores are equal to the solvers' tol (relu6 at C 1e-3: spread 1e-7)

@@ -1,4 +1,5 @@
-"""Batched torch SVM probe (cnnft.svm) against scikit-learn's LinearSVC and on constructed cases."""
+"""Batched torch SVM probe (cnnft.svm) against scikit-learn's LinearSVC (tests/svm_reference.py)
+and on constructed cases."""
 
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ from cnnft.svm import (
     Probe,
     SolveLabel,
     SVMConfig,
-    _augment,
-    _newton,
     fit_probe,
     normalize_features,
     select_c,
     train_svms,
 )
+from cnnft.svm.solver import _newton, augment
+from tests.svm_reference import sklearn_solver
 
 
 @pytest.fixture(autouse=True)
@@ -102,7 +103,7 @@ def test_batched_equals_one_at_a_time() -> None:
 
 def test_newton_solves_k_independent_problems() -> None:
     x, y = random_problem(2, n=150, dim=20)
-    F = _augment(x, 1.0)
+    F = augment(x, 1.0)
     T = torch.where(y, 1.0, -1.0).double()[:, None].repeat(1, 3)
     g = torch.Generator().manual_seed(0)
     S = torch.rand(len(x), 3, generator=g, dtype=torch.float64) * torch.tensor([0.1, 1.0, 5.0]).double()
@@ -127,8 +128,8 @@ def test_zero_weight_rows_are_ignored() -> None:
     Wa, ba = train_svms(x, ~y, 0.5, cfg=cfg)
     assert torch.allclose(W[1], Wa[0], atol=1e-7) and torch.allclose(b[1], ba[0], atol=1e-7)
     # the sklearn path leaves the rows out too
-    Ws, bs = train_svms(x, y2, 0.5, cfg=SVMConfig(solver="sklearn", tol=1e-8, dtype="float64",
-                                                  sklearn_max_iter=100_000), ignore=ignore)
+    Ws, bs = train_svms(x, y2, 0.5, cfg=SVMConfig(tol=1e-8, dtype="float64"), ignore=ignore,
+                        solver=sklearn_solver(100_000))
     assert torch.allclose(Ws[0], Wk[0], atol=1e-4) and torch.allclose(bs[0], bk[0], atol=1e-4)
 
 
@@ -187,8 +188,9 @@ def test_select_c_ties_go_to_the_smaller_c_and_empty_classes_are_handled() -> No
     assert torch.equal(cv[:3], torch.ones(3, 3, dtype=cv.dtype))  # separable: every C gives AP 1
     assert torch.isnan(cv[3]).all()
     assert best.tolist() == [0.01] * 4
-    for solver in ("torch", "sklearn"):  # LinearSVC refuses one-class data: the torch solver steps in
-        probe = fit_probe(x, y, cfg=SVMConfig(c_grid=grid, folds=3, solver=solver))
+    # LinearSVC refuses one-class data: the reference solves it in the dual (never the torch solver)
+    for kwargs in ({}, {"solver": sklearn_solver()}):
+        probe = fit_probe(x, y, cfg=SVMConfig(c_grid=grid, folds=3), **kwargs)
         assert torch.isfinite(probe.decision_function(x)).all() and probe.c.tolist() == [0.01] * 4
 
 
@@ -248,9 +250,8 @@ def test_torch_and_sklearn_probes_agree() -> None:
     scores = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        for solver in ("torch", "sklearn"):
-            cfg.solver = solver
-            probe = fit_probe(x[:n], y[:n], cfg=cfg)
+        for solver, kwargs in (("torch", {}), ("sklearn", {"solver": sklearn_solver()})):
+            probe = fit_probe(x[:n], y[:n], cfg=cfg, **kwargs)
             scores[solver] = mean_average_precision(probe.decision_function(x[n:]), y[n:])
     per_t, m_t = scores["torch"]
     per_s, m_s = scores["sklearn"]
@@ -303,10 +304,6 @@ def test_warm_start_reaches_the_same_solution() -> None:
         torch.testing.assert_close(b2, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"init has shapes \(4, 39\), \(4,\); expected \(4, 40\)"):
         train_svms(x, y, 0.1, cfg=cfg, init=(W[:, 1:], b))
-    # features that already carry the bias column: the same solution, no augmented copy
-    Wa, ba = train_svms(_augment(x, cfg.bias), y, 0.1, cfg=cfg, augmented=True)
-    torch.testing.assert_close(Wa, W)
-    torch.testing.assert_close(ba, b)
 
 
 def test_auto_dtype_solves_nearly_constant_features_in_float64() -> None:
@@ -327,8 +324,6 @@ def test_auto_dtype_solves_nearly_constant_features_in_float64() -> None:
     auto = SVMConfig()
     assert solver_dtype(flat, auto) == torch.float64 and solver_dtype(noise.abs(), auto) == torch.float32
     assert solver_dtype(flat, SVMConfig(dtype="float32")) == torch.float32
-    bias_col = torch.cat([flat, torch.full((300, 1), 10.0)], 1)
-    assert solver_dtype(bias_col, auto, augmented=True) == torch.float64
     # decided once for a sequence of solves (mining): a config with a concrete dtype
     assert resolved(auto, flat).dtype == "float64" and resolved(auto, noise.abs()).dtype == "float32"
     assert resolved(SVMConfig(dtype="float32"), flat).dtype == "float32"
@@ -374,8 +369,8 @@ def test_hinge_matches_liblinear_l1_loss_dual() -> None:
     assert np.abs(out["squared_hinge"] - ref).max() > 0.2 * spread  # the two losses differ
     # the sklearn reference path fits the same loss
     cfg = SVMConfig(c_grid=(1e-3,), folds=1, pos_weight=2.0, bias=10.0, normalize="none", tol=1e-6,
-                    loss="hinge", solver="sklearn", sklearn_max_iter=200000, dtype="float64")
-    W, b = train_svms(xtr, ytr, 1e-3, cfg=cfg)
+                    loss="hinge", dtype="float64")
+    W, b = train_svms(xtr, ytr, 1e-3, cfg=cfg, solver=sklearn_solver(200000))
     assert np.abs((xte @ W.T + b)[:, 0].numpy() - ref).max() < 1e-3 * spread
 
 
@@ -402,12 +397,13 @@ def test_loss_is_validated_with_the_choices() -> None:
 def test_solve_stopped_at_max_iter_warns_naming_where_class_and_c(solver: str, caplog) -> None:
     x, y = detection_like(300, 20, seed=2)
     y2 = torch.stack([y, ~y], 1)
-    cfg = SVMConfig(c_grid=(0.1, 1.0), folds=2, max_iter=1, sklearn_max_iter=1, tol=1e-9, solver=solver,
-                    loss="hinge")
+    cfg = SVMConfig(c_grid=(0.1, 1.0), folds=2, max_iter=1, tol=1e-9, loss="hinge")
+    kwargs = {"solver": sklearn_solver(max_iter=1)} if solver == "sklearn" else {}
     stats: dict = {}
     with caplog.at_level("WARNING", logger="cnnft.svm"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit_probe(x, y2, cfg=cfg, stats=stats, label=SolveLabel("probe layer relu7", ("cat", "dog")))
+        fit_probe(x, y2, cfg=cfg, stats=stats, label=SolveLabel("probe layer relu7", ("cat", "dog")),
+                  **kwargs)
     assert stats["unconverged"] > 0
     text = caplog.text
     assert "probe layer relu7" in text and "class cat C=0.1 (CV fold 0)" in text
@@ -417,3 +413,72 @@ def test_solve_stopped_at_max_iter_warns_naming_where_class_and_c(solver: str, c
     stats = {}
     fit_probe(x, y2, cfg=SVMConfig(c_grid=(0.1,), folds=1, dtype="float64"), stats=stats)
     assert stats["unconverged"] == 0 and "stopped at" not in caplog.text
+
+
+# ----------------------------------------------------------------------------- package structure
+
+
+def test_reference_never_runs_the_torch_solver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scikit-learn reference solves one-class training sets itself (liblinear's dual by
+    L-BFGS-B), to the torch solver's solution, and never calls the torch solver."""
+    import cnnft.svm.solver
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 5, generator=g, dtype=torch.float64).relu()
+    solutions = {}
+    for y in (torch.zeros(80, dtype=torch.bool), torch.ones(80, dtype=torch.bool)):
+        cfg = SVMConfig(dtype="float64", tol=1e-10, max_iter=200)
+        solutions[bool(y[0])] = train_svms(x, y, 0.5, cfg=cfg)
+    with monkeypatch.context() as m:
+        m.setattr(cnnft.svm.solver, "_newton", lambda *a, **k: pytest.fail("torch solver called"))
+        for positive, (W, b) in solutions.items():
+            y = torch.full((80,), positive)
+            Ws, bs = train_svms(x, y, 0.5, cfg=SVMConfig(dtype="float64", tol=1e-8), solver=sklearn_solver())
+            assert (W - Ws).abs().max() < 1e-6 and (b - bs).abs().max() < 1e-6
+            assert (b.item() > 0) == positive
+
+
+def test_fold_assignment_is_pinned() -> None:
+    """The CV folds every earlier result used (cnnft.svm.cv: scikit-learn's KFold gives others)."""
+    from sklearn.model_selection import KFold
+
+    from cnnft.svm import fold_ids
+
+    ids = fold_ids(10, 3, 0)
+    assert ids.tolist() == [0, 1, 0, 1, 0, 0, 2, 2, 1, 2]
+    kfold = [sorted(test.tolist()) for _, test in KFold(3, shuffle=True, random_state=0).split(range(10))]
+    assert sorted(kfold) != sorted(sorted(torch.nonzero(ids == f).flatten().tolist()) for f in range(3))
+
+
+def test_config_from_mapping_refuses_unknown_keys_and_layers_on_a_base() -> None:
+    cfg = SVMConfig.from_mapping({"c_grid": [0.1, 1.0], "folds": 2})
+    assert cfg.c_grid == (0.1, 1.0) and cfg.folds == 2 and cfg.normalize == "l2"
+    with pytest.raises(ConfigError, match=r"analyses.probe_cls.svm: unknown SVM setting\(s\) \['solver'\] "
+                                          r"\(solver=sklearn is gone: the scikit-learn reference is "
+                                          r"tests/svm_reference.py\)"):
+        SVMConfig.from_mapping({"solver": "sklearn"}, "analyses.probe_cls.svm")
+    base = SVMConfig(c_grid=(1e-3,), folds=1, bias=10.0, loss="hinge")
+    assert SVMConfig.from_mapping({"tol": 1e-5}, base=base) == SVMConfig(c_grid=(1e-3,), folds=1, bias=10.0,
+                                                                         loss="hinge", tol=1e-5)
+
+
+def test_one_scorer_for_probes_and_its_normalisation() -> None:
+    """``LinearScorer`` holds weights, bias and normalisation; ``Probe`` is one (plus C and CV AP)."""
+    from cnnft.svm import LinearScorer, mean_norm_scale
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(20, 4, generator=g, dtype=torch.float64)
+    W = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(3, generator=g, dtype=torch.float64)
+    assert torch.equal(LinearScorer(W, b).scores(x), x @ W.T + b)
+    assert torch.equal(LinearScorer(W, b, "mean_norm", 2.5).scores(x), (x * 2.5) @ W.T + b)
+    assert torch.equal(LinearScorer(W, b, "l2").scores(x), normalize_features(x, "l2") @ W.T + b)
+    # the scale of streamed chunks (detection) is the scale of their rows together (probes)
+    assert mean_norm_scale(iter([x[:7], x[7:]]), 20.0) == pytest.approx(mean_norm_scale(x, 20.0), rel=1e-15)
+    assert (x * mean_norm_scale(x, 20.0)).norm(dim=1).mean().item() == pytest.approx(20.0)
+    with pytest.raises(ValueError, match="mean_norm: cannot scale features to mean norm 20.0: the 2 sampled"):
+        mean_norm_scale(torch.zeros(2, 3), 20.0)
+    y = x[:, 0] > 0.5
+    probe = fit_probe(x, y, cfg=SVMConfig(c_grid=(0.1,), folds=1, normalize="mean_norm"))
+    assert isinstance(probe, LinearScorer) and probe.scale == mean_norm_scale(x, 20.0)
+    assert torch.equal(probe.normalized(x), x.to(probe.W.dtype) * probe.scale)

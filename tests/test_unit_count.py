@@ -11,6 +11,7 @@ import torch
 
 from analyses.unit_count import clip_ks, unit_count_curves, units_needed
 from cnnft.svm import SVMConfig, train_svms
+from tests.svm_reference import sklearn_solver
 
 
 def test_feature_mask_equals_training_on_the_subset() -> None:
@@ -28,8 +29,9 @@ def test_feature_mask_equals_training_on_the_subset() -> None:
         Ws, bs = train_svms(x[:, cols], y[:, c], [0.1, 1.0][c], cfg=cfg)
         torch.testing.assert_close(W[c, cols], Ws[0], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(b[c], bs[0], atol=1e-6, rtol=1e-5)
-    sk = SVMConfig(dtype="float64", tol=1e-8, solver="sklearn", sklearn_max_iter=20000)
-    Wk, bk = train_svms(x, y, torch.tensor([0.1, 1.0]), cfg=sk, feature_mask=mask)
+    sk = SVMConfig(dtype="float64", tol=1e-8)
+    Wk, bk = train_svms(x, y, torch.tensor([0.1, 1.0]), cfg=sk, feature_mask=mask,
+                        solver=sklearn_solver(20000))
     torch.testing.assert_close(Wk, W, atol=1e-4, rtol=1e-3)
 
 

@@ -2,12 +2,12 @@
 NMS and the devkit's detection AP. See ``pipeline`` for the flow."""
 
 from cnnft.detection.evaluation import detection_average_precision, match_detections, top_k_nms
-from cnnft.detection.mining import Detectors, MiningConfig, MiningStats, mean_norm_scale, mine_detectors
+from cnnft.detection.mining import MiningConfig, MiningStats, mine_detectors
 from cnnft.detection.pipeline import DetectionSettings, run_detection
 from cnnft.detection.regions import Regions, RegionStore, clip_to_image, layer_transform, make_regions
 
 __all__ = [
-    "DetectionSettings", "Detectors", "MiningConfig", "MiningStats", "RegionStore", "Regions",
+    "DetectionSettings", "MiningConfig", "MiningStats", "RegionStore", "Regions",
     "clip_to_image", "detection_average_precision", "layer_transform", "make_regions",
-    "match_detections", "mean_norm_scale", "mine_detectors", "run_detection", "top_k_nms",
+    "match_detections", "mine_detectors", "run_detection", "top_k_nms",
 ]

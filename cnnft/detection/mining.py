@@ -39,69 +39,60 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 from cnnft.errors import ConfigError
-from cnnft.svm import SolveLabel, SVMConfig, resolved, train_svms
+from cnnft.svm import LinearScorer, SolveLabel, SVMConfig, resolved, train_svms
 
 log = logging.getLogger(__name__)
 
 
+#: R-CNN's detector SVMs (``conf/svm/rcnn.yaml``): hinge loss, C 1e-3, positive weight 2, bias
+#: feature 10, features scaled to mean norm 20
+RCNN_SVM = SVMConfig(c_grid=(1e-3,), folds=1, pos_weight=2.0, bias=10.0, normalize="mean_norm",
+                     target_norm=20.0, loss="hinge")
+
+
 @dataclass
 class MiningConfig:
-    """Detector training settings (``conf/analyses/detection.yaml``: ``svm`` and ``mining``)."""
+    """Detector training settings (``conf/analyses/detection.yaml``): the SVM (``svm``, one C,
+    ``normalize="mean_norm"``: ``conf/svm/rcnn.yaml``) and mining's own knobs (``mining``)."""
 
-    c: float = 1e-3
-    pos_weight: float = 2.0
-    bias: float = 10.0
-    target_norm: float = 20.0
-    tol: float = 1e-4
-    max_iter: int = 100
-    solver: str = "torch"
+    svm: SVMConfig = field(default_factory=lambda: replace(RCNN_SVM))
     neg_iou: float = 0.3
     hard_threshold: float = -1.0001
     evict_threshold: float = -1.2
     retrain_limit: int = 2000
     warm_start: bool = True  # each retraining starts from the previous detectors
     # solver tolerance of the retrainings during the pass, which only pick the hard negatives
-    # (None: ``tol``); the final retraining always solves to ``tol``
+    # (None: ``svm.tol``); the final retraining always solves to ``svm.tol``
     pass_tol: float | None = 1e-3
-    dtype: str = "auto"  # solver precision (SVMConfig.dtype); "auto" is decided once, on the positives
-    loss: str = "hinge"  # R-CNN: liblinear -s 3 (hinge); "squared_hinge": -s 2
-    hinge_smoothing: float = 0.01  # SVMConfig.hinge_smoothing
 
     def __post_init__(self) -> None:
-        if not self.c > 0 or self.retrain_limit < 1:
-            raise ConfigError(f"detection svm.c={self.c} must be > 0 and mining.retrain_limit="
-                              f"{self.retrain_limit} >= 1")
+        if len(self.svm.c_grid) != 1:
+            raise ConfigError(f"detection svm.c_grid={list(self.svm.c_grid)}: the detectors train at one "
+                              "C (no cross-validation in hard-negative mining)")
+        if self.svm.normalize != "mean_norm":
+            raise ConfigError(f"detection svm.normalize={self.svm.normalize!r}: detectors scale their "
+                              "features to a mean norm (R-CNN); expected 'mean_norm'")
+        if self.retrain_limit < 1:
+            raise ConfigError(f"mining.retrain_limit={self.retrain_limit} must be >= 1")
         if not self.evict_threshold <= self.hard_threshold:
             raise ConfigError(f"mining.evict_threshold={self.evict_threshold} must be <= "
                               f"hard_threshold={self.hard_threshold} (else new hard negatives are "
                               "evicted at once)")
-        self.svm()  # SVMConfig validates loss, weights and tolerances
 
-    def svm(self, final: bool = True) -> SVMConfig:
-        tol = self.tol if final or self.pass_tol is None else max(self.tol, self.pass_tol)
-        return SVMConfig(c_grid=(self.c,), folds=1, pos_weight=self.pos_weight, bias=self.bias,
-                         normalize="none", target_norm=self.target_norm, tol=tol,
-                         max_iter=self.max_iter, solver=self.solver, dtype=self.dtype, loss=self.loss,
-                         hinge_smoothing=self.hinge_smoothing)
+    @property
+    def c(self) -> float:
+        return self.svm.c_grid[0]
 
-
-@dataclass
-class Detectors:
-    """Linear detectors: ``score(x) = (scale * x) @ W.T + b`` for features ``x`` [n, D]."""
-
-    W: Tensor
-    b: Tensor
-    scale: float
-
-    def scores(self, x: Tensor) -> Tensor:
-        x = x.to(self.W.device, self.W.dtype)
-        return (x * self.scale) @ self.W.T + self.b
+    def solve_cfg(self, final: bool = True) -> SVMConfig:
+        """The SVM settings of a retraining: during the pass at ``pass_tol``, the final one at ``svm.tol``."""
+        tol = self.svm.tol if final or self.pass_tol is None else max(self.svm.tol, self.pass_tol)
+        return replace(self.svm, tol=tol)
 
 
 @dataclass
@@ -147,23 +138,11 @@ class _Rows:
         self.n = kept
 
 
-def mean_norm_scale(samples: Iterable[Tensor], target_norm: float) -> float:
-    """The scale that makes the mean row norm of the sampled features ``target_norm``."""
-    total, count = 0.0, 0
-    for x in samples:
-        total += float(x.double().norm(dim=1).sum())
-        count += len(x)
-    if count == 0 or not total > 0:
-        raise ValueError(f"cannot scale features to mean norm {target_norm}: the {count} sampled "
-                         "windows have zero features")
-    return target_norm * count / total
-
-
 @torch.no_grad()
 def mine_detectors(positives: Tensor, positive_labels: Tensor, negatives: Iterable[tuple[Tensor, Tensor]],
                    *, scale: float, cfg: MiningConfig, device: str | torch.device = "cpu",
                    stats: MiningStats | None = None, where: str = "detection",
-                   class_names: Sequence[str] | None = None) -> Detectors:
+                   class_names: Sequence[str] | None = None) -> LinearScorer:
     """Train one detector per class by hard-negative mining (see the module doc).
 
     Args:
@@ -171,12 +150,12 @@ def mine_detectors(positives: Tensor, positive_labels: Tensor, negatives: Iterab
         positive_labels: bool [P, K]: row p is a positive of class k.
         negatives: per training image, ``(features [n, D], candidate [n, K])``: the image's
             windows and which of them are candidate negatives of each class. Streamed once.
-        scale: feature multiplier (``mean_norm_scale``).
+        scale: feature multiplier (``cnnft.svm.mean_norm_scale`` of sampled training windows).
         where, class_names: how non-convergence warnings name the run (e.g. the layer) and classes.
     """
     t0 = time.perf_counter()
     device = torch.device(device)
-    final_svm, pass_svm = (resolved(s, positives) for s in (cfg.svm(), cfg.svm(final=False)))
+    final_svm, pass_svm = (resolved(s, positives) for s in (cfg.solve_cfg(), cfg.solve_cfg(final=False)))
     labels = positive_labels.to(device, torch.bool)
     classes = labels.shape[1]
     missing = torch.nonzero(~labels.any(0)).flatten().tolist()
@@ -189,7 +168,7 @@ def mine_detectors(positives: Tensor, positive_labels: Tensor, negatives: Iterab
                           torch.full((len(x), 1), svm_bias, device=device)], 1)
 
     # one buffer: the P positives first (never evicted), then the cached negatives; a class's
-    # training rows are one masked gather, already in the solver's augmented form
+    # training rows are one masked gather (the bias column stays out: train_svms adds it)
     cache = _Rows(dim + 1, classes, device, torch.float32)
     P = len(positives)
     ids = torch.stack([torch.full((P,), -1), torch.arange(P)], 1)  # (no image, positive row)
@@ -205,12 +184,12 @@ def mine_detectors(positives: Tensor, positive_labels: Tensor, negatives: Iterab
         W, b = W.clone(), b.clone()
         solves: dict = {}
         for k in range(classes):  # each class on its own rows: a cached row belongs to few classes
-            x = cache.x[:cache.n][cache.mask[:cache.n, k]]  # its positives, then its negatives
+            x = cache.x[:cache.n, :dim][cache.mask[:cache.n, k]]  # its positives, then its negatives
             y = torch.arange(len(x), device=device) < per_class_pos[k]
             start = (W[k:k + 1], b[k:k + 1]) if cfg.warm_start else None
             label = SolveLabel(f"{where} retraining {stats.retrains + 1}",
                                classes=[class_names[k] if class_names is not None else f"#{k}"])
-            Wk, bk = train_svms(x, y, cfg.c, cfg=svm, init=start, augmented=True, stats=solves, label=label)
+            Wk, bk = train_svms(x, y, cfg.c, cfg=svm, init=start, stats=solves, label=label)
             W[k], b[k] = Wk[0].float(), bk[0].float()
         # evict easy negatives, per class (rows after the positives)
         z = cache.x[P:cache.n] @ torch.cat([W, (b / svm_bias)[:, None]], 1).T
@@ -247,4 +226,4 @@ def mine_detectors(positives: Tensor, positive_labels: Tensor, negatives: Iterab
              "%d cached at the end, %.1f s (solver in %s, %s loss; %d solve(s) stopped at max_iter)",
              stats.images, stats.retrains, stats.added, stats.evicted, stats.cache_rows, stats.seconds,
              final_svm.dtype, final_svm.loss, stats.unconverged)
-    return Detectors(W, b, scale)
+    return LinearScorer(W, b, normalize="mean_norm", scale=scale)

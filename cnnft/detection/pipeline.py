@@ -34,7 +34,7 @@ from cnnft.detection.evaluation import (
     set_thresholds,
     top_k_candidates,
 )
-from cnnft.detection.mining import MiningConfig, MiningStats, mean_norm_scale, mine_detectors
+from cnnft.detection.mining import MiningConfig, MiningStats, mine_detectors
 from cnnft.detection.regions import (
     CACHED_LAYER,
     Regions,
@@ -46,6 +46,7 @@ from cnnft.detection.regions import (
 )
 from cnnft.errors import DataError
 from cnnft.features import FeatureCache, layer_digests
+from cnnft.svm import mean_norm_scale
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def train_detectors(train: RegionStore, feats: Callable[[torch.Tensor], torch.Te
     images = train.regions.images
     rng = np.random.default_rng(s.seed)
     sample = sorted(rng.choice(len(images), size=min(s.norm_sample_images, len(images)), replace=False))
-    scale = mean_norm_scale((feats(p5) for _, p5 in train.images(sample)), s.mining.target_norm)
+    scale = mean_norm_scale((feats(p5) for _, p5 in train.images(sample)), s.mining.svm.target_norm)
     pos, pos_labels = [], []
     for i, p5 in train.images(rows="gt"):
         if len(p5):
