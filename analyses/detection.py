@@ -32,11 +32,9 @@ from cnnft.svm import SVMConfig
 
 def plot_per_class(rows: Sequence[dict[str, Any]], title: str) -> Any:
     """Bars of AP per class (and mAP), one series per (layer, ablation)."""
-    import matplotlib
+    from cnnft.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     series = list(dict.fromkeys((r["layer"], r["ablation"]) for r in rows))
     classes = list(dict.fromkeys(r["class"] for r in rows))
     fig, ax = plt.subplots(figsize=(max(8.0, 0.55 * len(classes) * max(1, len(series)) ** 0.5), 3.8))

@@ -6,23 +6,11 @@ samples above it and compute the entropy (log2) of their class distribution. A f
 one class has low entropy until the threshold admits other classes; the area under the entropy
 curve (AuE, the mean of the ``T`` entropies) summarises how class-selective it is.
 
-Thresholds (``j = 1..T``):
-
-* ``"rank"``: threshold ``j`` keeps the top ``ceil(j*N/T)`` samples of the filter (ties in
-  activation broken by sample order), so the last one keeps all ``N``.
-* ``"value"``: threshold ``j`` keeps the samples with activation ``>= max - j*(max-min)/T``,
-  equally spaced values from the filter's max to its min (the last keeps all); a constant
-  filter keeps everything at every threshold.
-
-Rank mode orders by the float32 value (float64 inputs are rounded first; cached features are
-float16 anyway).
-
-Vectorised: one sort per filter (rank mode) and one ``bincount`` of (threshold bin, class) codes
-followed by a cumulative sum over thresholds; no Python loop over thresholds. Rank mode sorts
-packed int64 keys (order-preserving bits of the float32 activation, then the sample index, then
-the label in the low bits), so the sort is a plain value sort (numpy's SIMD sort on the CPU), ties
-fall to sample order, and the labels come out already in sorted order. Filters are processed in
-chunks (bounded memory), in parallel threads on the CPU.
+Thresholds (``threshold_mode``: ``"rank"``, the top ``ceil(j*N/T)`` samples; ``"value"``,
+activation ``>= max - j*(max-min)/T``) and their vectorised counting kernels are
+:mod:`cnnft.thresholds`. Here the counts become entropies with a cumulative sum over thresholds,
+no Python loop over thresholds; filters are processed in chunks (bounded memory), in parallel
+threads on the CPU.
 """
 
 from __future__ import annotations
@@ -42,13 +30,12 @@ from torch import Tensor, nn
 from cnnft.analysis import Analysis, AnalysisContext, save_figure, write_table
 from cnnft.data.voc import VOC_CLASSES
 from cnnft.errors import ConfigError, DataError
-
-MODES = ("rank", "value")
+from cnnft.plotting import pyplot
+from cnnft.thresholds import check_threshold_mode, threshold_counts
 
 
 def _check_inputs(n: int, labels: Tensor, num_classes: int, num_thresholds: int, mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"threshold_mode={mode!r}; expected one of {list(MODES)}")
+    check_threshold_mode(mode)
     if labels.numel() != n:
         raise ValueError(f"{labels.numel()} labels for {n} samples")
     if n == 0 or num_thresholds < 1:
@@ -56,58 +43,6 @@ def _check_inputs(n: int, labels: Tensor, num_classes: int, num_thresholds: int,
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(labels.min())}, "
                          f"{int(labels.max())}]")
-
-
-def _rank_counts_numpy(at: np.ndarray, labels: np.ndarray, t: int, width: int) -> np.ndarray:
-    """CPU ``_rank_counts``: ``at`` ``[k, N]`` float32 (overwritten), ``labels`` ``[N]`` int64.
-
-    Each int64 key is written as two int32 words: the high word the order-reversed float bits
-    (descending value), the low word ``sample << label_bits | label`` (ties by sample order; the
-    label rides along, so no gather after sorting)."""
-    k, n = at.shape
-    label_bits = max(1, (width - 1).bit_length())
-    if (n - 1).bit_length() + label_bits > 31:
-        raise ValueError(f"{n} samples x {width} classes do not fit the 31-bit sort key payload")
-    at += 0.0                                  # -0.0 -> +0.0: equal values must give equal keys
-    bits = at.view(np.int32)
-    flip = bits >> 31                          # -1 for negative floats
-    flip &= 0x7FFFFFFF
-    flip ^= -1                                 # ~b for b >= 0, b ^ 0x80000000 for b < 0: descending
-    bits ^= flip
-    keys = np.empty((k, n), np.int64)
-    words = keys.view(np.int32).reshape(k, n, 2)  # little-endian: [..., 0] low, [..., 1] high
-    words[..., 0] = (np.arange(n, dtype=np.int32) << label_bits) | labels.astype(np.int32)
-    words[..., 1] = bits
-    keys.sort(axis=1)                          # numpy's SIMD sort
-    codes = words[..., 0] & ((1 << label_bits) - 1)
-    codes += ((np.arange(n, dtype=np.int64) * t // n) * width).astype(np.int32)  # threshold bin
-    codes += (np.arange(k, dtype=np.int32) * (t * width))[:, None]
-    return np.bincount(codes.ravel(), minlength=k * t * width).reshape(k, t, width)
-
-
-def _rank_counts(at: Tensor, labels: Tensor, t: int, width: int) -> Tensor:
-    """``[k, T, C']`` class counts of the samples entering at each rank threshold (not cumulated),
-    for ``at`` ``[k, N]``: sort each filter's responses (descending, ties by sample order) and
-    bincount ``bin * C' + label`` over the fixed bin of each sorted position."""
-    if at.device.type == "cpu":
-        return torch.from_numpy(_rank_counts_numpy(at.float().numpy().copy(), labels.numpy(), t, width))
-    k, n = at.shape
-    order = torch.sort(at.float() + 0.0, dim=1, descending=True, stable=True).indices
-    bins = torch.div(torch.arange(n, device=at.device) * t, n, rounding_mode="floor") * width
-    codes = labels[order] + bins + (torch.arange(k, device=at.device) * (t * width))[:, None]
-    return torch.bincount(codes.flatten(), minlength=k * t * width).view(k, t, width)
-
-
-def _value_counts(at: Tensor, labels: Tensor, t: int, width: int) -> Tensor:
-    """``[k, T, C']`` class counts of the samples entering at each value threshold (not cumulated)."""
-    k = at.shape[0]
-    a = at.double()
-    top, bottom = a.max(dim=1, keepdim=True).values, a.min(dim=1, keepdim=True).values
-    span = (top - bottom).clamp_min(torch.finfo(torch.float64).tiny)
-    j = torch.ceil((top - a) * t / span - 1e-9)  # smallest j with a >= top - j*span/T
-    codes = (j.clamp(1, t).long() - 1) * width + labels
-    codes += (torch.arange(k, device=at.device) * (t * width))[:, None]
-    return torch.bincount(codes.flatten(), minlength=k * t * width).view(k, t, width)
 
 
 def _entropies(counts: Tensor) -> Tensor:
@@ -129,7 +64,7 @@ def filter_major_curves(rows: Callable[[int, int], Tensor], num_filters: int, la
         raise ValueError("need samples, got N=0")
     _check_inputs(labels.numel(), labels, num_classes, num_thresholds, threshold_mode)
     t, width = num_thresholds, int(labels.max()) + 1  # absent classes above the max add nothing
-    counts_of = _rank_counts if threshold_mode == "rank" else _value_counts
+    counts_of = threshold_counts(threshold_mode)
 
     def one(start: int) -> Tensor:
         at = rows(start, min(start + chunk, num_filters))
@@ -153,8 +88,6 @@ def entropy_curves(activations: Tensor, labels: Tensor, num_classes: int, *, num
                    threshold_mode: str = "rank", chunk: int = 16) -> Tensor:
     """``[F, T]`` class entropy (bits) of the samples kept at each threshold, per filter
     (``activations`` ``[num_samples, num_filters]``)."""
-    if threshold_mode not in MODES:
-        raise ValueError(f"threshold_mode={threshold_mode!r}; expected one of {list(MODES)}")
     if activations.dim() != 2:
         raise ValueError(f"activations must be [num_samples, num_filters], got {tuple(activations.shape)}")
     labels = torch.as_tensor(labels, device=activations.device).long().flatten()
@@ -270,15 +203,6 @@ def compare_aue(results_a: Any, results_b: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _curve_axes(ax: Any, aue: dict[str, np.ndarray], style: str, label: str, points: int) -> None:
     for i, (layer, values) in enumerate(aue.items()):
         curve = topk_curve(torch.from_numpy(values), points)
@@ -290,7 +214,7 @@ def _curve_axes(ax: Any, aue: dict[str, np.ndarray], style: str, label: str, poi
 
 def plot_topk_curves(aue: dict[str, np.ndarray], points: int = 30) -> Any:
     """Fig. 1 (right): mean AuE of the k most selective filters of each layer."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     _curve_axes(ax, aue, "-", "", points)
     ax.set_title("Filter entropy: mean AuE of the top-k filters")
@@ -301,7 +225,7 @@ def plot_topk_curves(aue: dict[str, np.ndarray], points: int = 30) -> Any:
 def plot_histograms(aue: dict[str, np.ndarray], *, reference: dict[str, np.ndarray] | None = None,
                     bins: int = 20, names: tuple[str, str] = ("this network", "reference")) -> Any:
     """Fig. 1 (left): the AuE histogram of each layer (with ``reference`` overlaid)."""
-    plt = _pyplot()
+    plt = pyplot()
     layers = list(aue)
     cols = min(4, len(layers))
     rows = math.ceil(len(layers) / cols)
@@ -327,7 +251,7 @@ def plot_compare(results_a: Any, results_b: Any, names: tuple[str, str] = ("refe
                  points: int = 30) -> Any:
     """Fig. 1 side by side: top-k curves of both networks (dash-dot ``a``, solid ``b``) and the
     per-layer change of the mean AuE."""
-    plt = _pyplot()
+    plt = pyplot()
     a, b = aue_by_layer(results_a), aue_by_layer(results_b)
     change = compare_aue(results_a, results_b)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -364,9 +288,7 @@ class FilterEntropy(Analysis):
                  num_thresholds: int = 100, threshold_mode: str = "rank", topk_points: int = 30,
                  bins: int = 20, reference: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if threshold_mode not in MODES:
-            raise ConfigError(f"filter_entropy threshold_mode={threshold_mode!r}; expected one of "
-                              f"{list(MODES)}")
+        check_threshold_mode(threshold_mode, f"{self.name} threshold_mode")
         self.layers, self.split, self.spatial_max = list(layers), split, spatial_max
         self.num_thresholds, self.threshold_mode = num_thresholds, threshold_mode
         self.topk_points, self.bins = topk_points, bins

@@ -2,9 +2,9 @@
 the training curves drawn under them (Fig. 5, bottom).
 
 Each filter is min-max normalised on its own (all its colour channels together) and the filters
-are laid out in a grid (``torchvision.utils.make_grid``). During training it fires at every
-snapshot iteration (``at_snapshots``) and at the end of fit; ``cnnft-analyze`` over a folder of
-snapshots draws one grid per snapshot.
+are laid out in a grid (``cnnft.plotting.filter_grid``: torchvision's ``make_grid``). During
+training it fires at every snapshot iteration (``at_snapshots``) and at the end of fit;
+``cnnft-analyze`` over a folder of snapshots draws one grid per snapshot.
 
 Files: ``figures/filter_viz_iter_XXXXXXX.png`` per iteration (also a W&B image),
 ``results/filter_viz.json|csv`` rows ``{iteration, figure}`` (figure path relative to the output
@@ -18,9 +18,7 @@ out and the log says why. Logged keys: none.
 
 from __future__ import annotations
 
-import csv
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,7 +30,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from cnnft.analysis import Analysis, AnalysisContext, save_figure, write_table
-from cnnft.errors import ConfigError, DataError
+from cnnft.errors import ConfigError
+from cnnft.plotting import filter_grid, pyplot, read_metrics_csv, show_filter_grid
 
 log = logging.getLogger(__name__)
 
@@ -44,66 +43,20 @@ def figure_name(iteration: int) -> str:
     return f"filter_viz_iter_{iteration:07d}"
 
 
-def filter_grid(weight: torch.Tensor, *, nrow: int | None = None, padding: int = 1) -> torch.Tensor:
-    """``[C, H, W]`` image in [0, 1] of the filters ``weight[out, 1 or 3, kh, kw]``, each min-max
-    normalised on its own, ``nrow`` per row (default: a square-ish grid)."""
-    from torchvision.utils import make_grid
-
-    if weight.dim() != 4 or weight.shape[1] not in (1, 3):
-        raise ValueError(f"expected filters [out, 1 or 3, kh, kw] to draw as images, "
-                         f"got {tuple(weight.shape)}")
-    nrow = nrow or math.ceil(math.sqrt(weight.shape[0]))
-    return make_grid(weight.detach().float().cpu(), nrow=nrow, padding=padding, normalize=True,
-                     scale_each=True, pad_value=1.0)
-
-
 def plot_filter_grid(grid: torch.Tensor, title: str) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """One figure of a :func:`cnnft.plotting.filter_grid` image, about 6 inches on its long side."""
     height, width = grid.shape[1:]
     scale = 6.0 / max(height, width)
-    fig, ax = plt.subplots(figsize=(max(width * scale, 2.0), max(height * scale, 2.0) + 0.4))
-    ax.imshow(grid.permute(1, 2, 0).squeeze(-1).numpy(), interpolation="nearest",
-              cmap="gray" if grid.shape[0] == 1 else None)
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=10)
+    fig, ax = pyplot().subplots(figsize=(max(width * scale, 2.0), max(height * scale, 2.0) + 0.4))
+    show_filter_grid(ax, grid, title)
     return fig
-
-
-def read_metrics_csv(path: str | os.PathLike[str], keys: Sequence[str] = CURVE_KEYS
-                     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{key: (steps, values)}`` from a Lightning ``metrics.csv`` (sparse rows; empty cells
-    skipped, the last value of a step kept, sorted by step). Keys absent from the file are left
-    out."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"metrics file {path} does not exist; expected a run's csv/metrics.csv")
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if "step" not in (reader.fieldnames or []):
-            raise DataError(f"{path} has no 'step' column; expected a Lightning CSVLogger metrics.csv")
-        points: dict[str, dict[int, float]] = {k: {} for k in keys if k in (reader.fieldnames or [])}
-        for row in reader:
-            for key, series in points.items():
-                if row.get(key) not in (None, ""):
-                    series[int(float(row["step"]))] = float(row[key])
-    return {key: (np.array(sorted(s), dtype=np.int64), np.array([s[i] for i in sorted(s)], dtype=np.float64))
-            for key, s in points.items() if s}
 
 
 def plot_training_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
                          marks: Sequence[int] = ()) -> Any:
     """Training loss (left axis) and validation top-1 (right axis, %) against iteration, with
     dotted vertical lines at ``marks`` (the iterations whose filters are drawn)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 3.2))
+    fig, ax = pyplot().subplots(figsize=(8, 3.2))
     handles = []
     if "train/loss" in curves:
         handles += ax.plot(*curves["train/loss"], color="tab:blue", lw=1.0, label="training loss")
@@ -126,7 +79,7 @@ def plot_training_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
 
 def training_curves_figure(metrics_csv: str | os.PathLike[str], marks: Sequence[int] = ()) -> Any:
     """Fig. 5 (bottom) from a run's ``csv/metrics.csv``."""
-    return plot_training_curves(read_metrics_csv(metrics_csv), marks)
+    return plot_training_curves(read_metrics_csv(metrics_csv, CURVE_KEYS), marks)
 
 
 class FilterViz(Analysis):
@@ -162,7 +115,7 @@ class FilterViz(Analysis):
         write_table(ctx, self.name, rows)
         target = ctx.output_dir / "figures" / "training_curves.png"
         metrics_csv = self.metrics_csv(ctx)
-        curves = read_metrics_csv(metrics_csv) if metrics_csv is not None else {}
+        curves = read_metrics_csv(metrics_csv, CURVE_KEYS) if metrics_csv is not None else {}
         if curves:
             save_figure(ctx, plot_training_curves(curves, [r["iteration"] for r in rows]),
                         "training_curves")

@@ -57,11 +57,9 @@ def snapshot_table(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
 
 def plot_snapshot_eval(rows: Sequence[Mapping[str, Any]]) -> Any:
     """Two panels against iteration, one line per layer: mAP (%) and fraction of final mAP."""
-    import matplotlib
+    from cnnft.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     iterations = sorted({r["iteration"] for r in rows})
     for layer in dict.fromkeys(r["layer"] for r in rows):

@@ -10,8 +10,9 @@ For each unit the samples are thresholded at ``num_thresholds`` (1000) threshold
 spaced values from the unit's max to its min (``threshold_mode: value``, the literal
 "activation > t") or the top ``ceil(j*N/T)`` samples (``rank``) -- and at each threshold the
 precision ``P(class | above)`` and the support (the number of the class's samples above it) are
-computed for every class at once: one sort/bincount per unit (the AuE machinery of
-``analyses.filter_entropy``), a cumulative sum over thresholds, no loop over thresholds or classes.
+computed for every class at once: one sort/bincount per unit (the kernels of
+``cnnft.thresholds``, shared with ``analyses.filter_entropy``), a cumulative sum over
+thresholds, no loop over thresholds or classes.
 
 A unit's score for a class is its best precision over the thresholds whose support is at least
 ``max(min_support, min_recall * samples of the class)``; the ``top`` units per class by that
@@ -28,24 +29,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from analyses.filter_entropy import MODES, _rank_counts, _value_counts
 from cnnft.analysis import Analysis, AnalysisContext, class_panels, save_figure, write_table
 from cnnft.data.voc import VOC_CLASSES
 from cnnft.errors import ConfigError, DataError
-
-
-def _thresholds(at: Tensor, t: int, mode: str) -> Tensor:
-    """``[k, T]`` the activation value of threshold ``j``: value mode ``max - j*(max-min)/T``; rank
-    mode the value of the last sample kept (the ``ceil(j*N/T)``-th largest)."""
-    a = at.double()
-    top, bottom = a.max(dim=1, keepdim=True).values, a.min(dim=1, keepdim=True).values
-    j = torch.arange(1, t + 1, dtype=torch.float64, device=at.device)
-    if mode == "value":
-        return top - j * (top - bottom) / t
-    n = at.shape[1]
-    kept = torch.ceil(j * n / t).long()
-    ordered = torch.sort(a, dim=1, descending=True).values
-    return ordered[:, kept - 1]
+from cnnft.thresholds import check_threshold_mode, threshold_counts, threshold_values
 
 
 def selectivity_curves(rows: Callable[[int, int], Tensor], num_units: int, labels: Tensor,
@@ -56,12 +43,10 @@ def selectivity_curves(rows: Callable[[int, int], Tensor], num_units: int, label
 
     ``rows(start, stop)`` returns units ``start:stop`` as ``[stop - start, N]`` activations;
     ``labels`` ``[N]`` the sample classes."""
-    if threshold_mode not in MODES:
-        raise ValueError(f"threshold_mode={threshold_mode!r}; expected one of {list(MODES)}")
+    counts_of = threshold_counts(threshold_mode)
     labels = torch.as_tensor(labels).long().flatten()
     if labels.numel() == 0 or labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"need labels in [0, {num_classes}), got {labels.numel()} samples")
-    counts_of = _rank_counts if threshold_mode == "rank" else _value_counts
     hits, values = [], []
     for start in range(0, num_units, chunk):
         at = rows(start, min(start + chunk, num_units))
@@ -69,7 +54,7 @@ def selectivity_curves(rows: Callable[[int, int], Tensor], num_units: int, label
             raise ValueError(f"unit rows must be [k, {labels.numel()}], got {tuple(at.shape)}")
         counts = counts_of(at, labels.to(at.device), num_thresholds, num_classes).cumsum(1)
         hits.append(counts.cpu())
-        values.append(_thresholds(at, num_thresholds, threshold_mode).cpu())
+        values.append(threshold_values(at, num_thresholds, threshold_mode).cpu())
     hit = torch.cat(hits)
     return hit, hit.sum(-1), torch.cat(values)
 
@@ -149,9 +134,7 @@ class UnitSelectivity(Analysis):
                  threshold_mode: str = "value", top: int = 5, min_support: int = 10,
                  min_recall: float = 0.05, plot_units: int = 3, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if threshold_mode not in MODES:
-            raise ConfigError(f"unit_selectivity threshold_mode={threshold_mode!r}; expected one of "
-                              f"{list(MODES)}")
+        check_threshold_mode(threshold_mode, f"{self.name} threshold_mode")
         if num_thresholds < 1 or top < 1 or min_support < 1 or not 0 <= min_recall <= 1:
             raise ConfigError(f"unit_selectivity: need num_thresholds >= 1, top >= 1, min_support >= 1 "
                               f"and 0 <= min_recall <= 1, got {num_thresholds}, {top}, {min_support}, "

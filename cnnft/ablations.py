@@ -4,13 +4,39 @@ or the magnitude of filter activations is destroyed.
 Each function maps a batch of feature maps ``[N, C, H, W]`` to one feature vector per image,
 batch-independently except for :func:`spatial_shuffle`'s seed. Configs pick one by
 ``_target_`` (``conf/ablations/*.yaml``, ``_partial_: true``; ``ablations=[unroll,shuffle]``).
-Only :func:`unroll` accepts non-spatial ``[N, D]`` (fc) features; the others raise ValueError on them.
+Each declares whether it is *spatial* (``fn.spatial``: needs ``[N, C, H, W]`` maps, raises
+ValueError on ``[N, D]`` fc features): :func:`unroll` and :func:`binarize` also take fc features,
+the others are spatial. :func:`is_spatial` reads the declaration (also through the
+``functools.partial`` a config builds); an ablation of another module declares it with
+:func:`declare`, and one that does not is taken as spatial.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 from torch import Tensor
+
+__all__ = ["binarize", "binarize_loc", "declare", "is_spatial", "spatial_max", "spatial_max_binarize",
+           "spatial_shuffle", "unroll"]
+
+F = TypeVar("F", bound=Callable[..., Tensor])
+
+
+def declare(*, spatial: bool) -> Callable[[F], F]:
+    """Decorator: set ``fn.spatial`` (whether the ablation needs ``[N, C, H, W]`` maps)."""
+    def mark(fn: F) -> F:
+        fn.spatial = spatial  # type: ignore[attr-defined]
+        return fn
+    return mark
+
+
+def is_spatial(ablation: Callable[..., Tensor]) -> bool:
+    """Whether ``ablation`` (a function or a ``functools.partial`` of one) needs ``[N, C, H, W]``
+    maps; undeclared ablations are spatial."""
+    return bool(getattr(getattr(ablation, "func", ablation), "spatial", True))
 
 
 def _check_spatial(x: Tensor, name: str) -> None:
@@ -24,6 +50,7 @@ def _binary(mask: Tensor, like: Tensor) -> Tensor:
     return mask.to(like.dtype if like.is_floating_point() else torch.float32)
 
 
+@declare(spatial=False)
 def unroll(x: Tensor) -> Tensor:
     """``[N, C*H*W]`` plain feature vector (channel-major, like Caffe's blob order); keeps everything.
 
@@ -34,6 +61,7 @@ def unroll(x: Tensor) -> Tensor:
     return x.flatten(1)
 
 
+@declare(spatial=True)
 def spatial_shuffle(x: Tensor, *, seed: int = 0) -> Tensor:
     """``[N, C*H*W]`` after an independent random permutation of the H*W positions for every image
     and every filter (paper Fig. 2). Keeps each filter's multiset of values per image (so its
@@ -50,6 +78,7 @@ def spatial_shuffle(x: Tensor, *, seed: int = 0) -> Tensor:
     return x.flatten(2).gather(-1, perm).flatten(1)
 
 
+@declare(spatial=True)
 def spatial_max(x: Tensor) -> Tensor:
     """``[N, C]`` per-filter max over positions. Keeps each filter's peak magnitude; destroys its
     location and every other value of the map."""
@@ -57,6 +86,7 @@ def spatial_max(x: Tensor) -> Tensor:
     return x.amax(dim=(2, 3))
 
 
+@declare(spatial=False)
 def binarize(x: Tensor, *, threshold: float = 0.0) -> Tensor:
     """``[N, C*H*W]`` (or, for fc features ``[N, D]``, ``[N, D]``) 0/1 of ``x > threshold``. Keeps
     which units fire (and where); destroys how strongly (paper Sec. 4.2, pool5 and fc6/fc7)."""
@@ -65,6 +95,7 @@ def binarize(x: Tensor, *, threshold: float = 0.0) -> Tensor:
     return _binary(x > threshold, x).flatten(1)
 
 
+@declare(spatial=True)
 def spatial_max_binarize(x: Tensor, *, threshold: float = 0.0) -> Tensor:
     """``[N, C]`` 0/1 of ``spatial_max(x) > threshold``: whether each filter fires anywhere.
     Destroys location and magnitude."""
@@ -72,6 +103,7 @@ def spatial_max_binarize(x: Tensor, *, threshold: float = 0.0) -> Tensor:
     return _binary(x.amax(dim=(2, 3)) > threshold, x)
 
 
+@declare(spatial=True)
 def binarize_loc(x: Tensor, *, threshold: float = 0.0) -> Tensor:
     """``[N, C*H*W]`` binary map per filter with a single 1 at its max position (first position on
     ties, row-major), paper Table 5 "sm-bn-lc". Keeps where each filter fires most; destroys

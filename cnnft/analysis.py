@@ -193,11 +193,9 @@ def class_panels(classes: Sequence[str], *, xlabel: str, ylabel: str, cols: int 
     """A figure with one small titled panel per class (spare panels hidden) and shared axis
     labels; returns the figure and the class panels, in class order. Call ``tight_layout`` after
     drawing."""
-    import matplotlib
+    from cnnft.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = -(-len(classes) // cols)
     fig, grid = plt.subplots(rows, cols, figsize=(3 * cols, height * rows), squeeze=False, **subplots)
     panels = list(grid.flat)
@@ -212,15 +210,13 @@ def class_panels(classes: Sequence[str], *, xlabel: str, ylabel: str, cols: int 
 
 
 def save_figure(ctx: AnalysisContext, fig: Any, name: str) -> Path:
-    """Write a matplotlib figure to ``figures/<name>.png`` (atomically) and to W&B."""
-    import matplotlib.pyplot as plt
+    """Write a matplotlib figure to ``figures/<name>.png`` (atomically), close it, and log it to W&B."""
+    from cnnft.plotting import save_png
 
-    path = ctx.output_dir / "figures" / f"{name}.png"
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    path = save_png(fig, ctx.output_dir / "figures" / f"{name}.png", dpi=120)
     for logger in ctx.loggers:
         if isinstance(logger, WandbLogger):
             logger.log_image(key=f"figures/{name}", images=[str(path)])
-    plt.close(fig)
     return path
 
 

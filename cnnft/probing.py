@@ -99,8 +99,11 @@ def layer_features(model: nn.Module, split: ProbeSplit, layers: Sequence[str],
 
 
 def applies(ablation: Ablation, features: torch.Tensor) -> bool:
-    """Spatial ablations need ``[N, C, H, W]``; fc features take the plain vector and binarize."""
-    return features.dim() == 4 or getattr(ablation, "func", ablation).__name__ in ("unroll", "binarize")
+    """Spatial ablations (``cnnft.ablations.is_spatial``) need ``[N, C, H, W]``; fc features take
+    the others (the plain vector, binarize)."""
+    from cnnft.ablations import is_spatial
+
+    return features.dim() == 4 or not is_spatial(ablation)
 
 
 def run_probes(model: nn.Module, train: ProbeSplit, test: ProbeSplit, *, layers: Sequence[str],
@@ -146,11 +149,9 @@ def map_metrics(name: str, rows: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 def plot_map_by_layer(rows: Sequence[dict[str, Any]], title: str) -> Any:
     """Bars of mAP by layer, one colour per ablation."""
-    import matplotlib
+    from cnnft.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     means = [r for r in rows if r["class"] == "mAP"]
     layers = list(dict.fromkeys(r["layer"] for r in means))
     ablations = list(dict.fromkeys(r["ablation"] for r in means))

@@ -130,3 +130,42 @@ def test_every_config_instantiates_and_runs() -> None:
         assert isinstance(out, torch.Tensor) and out.shape[0] == 4, name
         assert out.shape[1] in (5, 60), name
         assert torch.equal(out, getattr(ablations, node._target_.rsplit(".", 1)[1])(x)), name
+
+
+def test_ablations_declare_whether_they_are_spatial() -> None:
+    """``probing.applies`` reads the declaration, not the function's name."""
+    import functools
+
+    from cnnft.ablations import declare, is_spatial
+    from cnnft.probing import applies
+
+    assert {fn.__name__ for fn in SPATIAL} == {fn.__name__ for fn in
+                                               [*SPATIAL, unroll, binarize] if is_spatial(fn)}
+    assert not is_spatial(functools.partial(binarize, threshold=0.5))  # as a config builds it
+    fc, maps = torch.zeros(2, 6), torch.zeros(2, 3, 2, 2)
+
+    def unroll_lookalike(x: torch.Tensor) -> torch.Tensor:  # undeclared: spatial, whatever its name
+        return x.amax(dim=(2, 3))
+
+    unroll_lookalike.__name__ = "unroll"
+    assert not applies(unroll_lookalike, fc) and applies(unroll_lookalike, maps)
+
+    @declare(spatial=False)
+    def halve(x: torch.Tensor) -> torch.Tensor:
+        return x / 2
+
+    assert applies(halve, fc) and applies(functools.partial(halve), fc)
+    assert [applies(fn, fc) for fn in SPATIAL] == [False] * 4 and applies(binarize, fc)
+
+
+def test_ablation_configs_state_the_declaration() -> None:
+    """The ``# spatial:`` line of each conf/ablations file matches its function's declaration."""
+    from cnnft.ablations import is_spatial
+
+    for path in sorted(ABLATION_CONF.glob("*.yaml")):
+        text = path.read_text()
+        target = next(line.split(":", 1)[1].strip() for line in text.splitlines()
+                      if line.startswith("_target_:"))
+        stated = next(line.split(":", 1)[1].split()[0] for line in text.splitlines()
+                      if line.startswith("# spatial:"))
+        assert stated == str(is_spatial(getattr(ablations, target.rsplit(".", 1)[1]))).lower(), path.name

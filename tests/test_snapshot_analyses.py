@@ -13,12 +13,13 @@ import pytest
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from analyses.filter_viz import filter_grid, plot_training_curves, read_metrics_csv
+from analyses.filter_viz import plot_training_curves
 from analyses.snapshot_eval import ITERATION_KEY, SnapshotEval, plot_snapshot_eval, snapshot_table
 from cnnft.analysis import Analysis, define_step_axis
 from cnnft.analyze import analyze
 from cnnft.callbacks import IterationSnapshots
 from cnnft.errors import ConfigError, DataError
+from cnnft.plotting import filter_grid, read_metrics_csv
 from cnnft.train import train
 from tests.conftest import TINY_DATA, TINY_RUN, compose_cfg
 

@@ -183,8 +183,6 @@ def run_detection(model: nn.Module, *, layers: Sequence[str], ablations: Mapping
                   settings: DetectionSettings, cache: FeatureCache | None,
                   output_dir: Path, device: str = "cpu", progress: bool = True) -> list[dict[str, Any]]:
     """Detection AP per class for every layer and ablation (see the module doc)."""
-    from cnnft.probing import applies
-
     s = settings
     net = getattr(model, "net", model)
     layers = check_detection_layers(net, layers)
@@ -205,9 +203,10 @@ def run_detection(model: nn.Module, *, layers: Sequence[str], ablations: Mapping
     rows: list[dict[str, Any]] = []
     for layer in layers:
         for name, ablation in ablations.items():
-            # the detection ablations (paper Table 5) are of pool5; later layers run plain
+            # the detection ablations (paper Table 5) are of pool5 (maps: every ablation applies);
+            # later layers run plain
             plain = ablation is None or getattr(ablation, "func", ablation) is unroll
-            if (layer != CACHED_LAYER and not plain) or not applies(ablation, torch.zeros(1, 1, 1, 1)):
+            if layer != CACHED_LAYER and not plain:
                 continue
             feats = _on(device, layer_transform(net, layer, ablation or unroll))
             stats = MiningStats()

@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from cnnft.io import atomic_write
+from cnnft.plotting import save_png
 from cnnft.report.claims import ClaimResult, evaluate_claims
 from cnnft.report.figures import FIGURES
 from cnnft.report.load import Results, load_results
@@ -131,14 +132,6 @@ def status_md(res: Results, missing: list[tuple[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save(fig: object, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))  # type: ignore[attr-defined]
-    plt.close(fig)  # type: ignore[arg-type]
-    return path
-
-
 def figures_md(res: Results, out: Path) -> str:
     folder = out / "figures"
     lines = ["## Figures", ""]
@@ -152,7 +145,7 @@ def figures_md(res: Results, out: Path) -> str:
         if fig is None:
             lines += [f"- {name}: n/a (its results are missing)", ""]
             continue
-        _save(fig, folder / f"{name}.png")
+        save_png(fig, folder / f"{name}.png", dpi=110)
         lines += [f"![{name}](figures/{name}.png)", ""]
     gallery = []
     for network in [*NETWORKS, *sorted(set(res.figures) - set(NETWORKS))]:

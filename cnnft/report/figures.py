@@ -7,19 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from cnnft.plotting import filter_grid, pyplot, show_filter_grid
 from cnnft.report.load import Results
 from cnnft.report.paper import CLASS_SHORT, LAYERS, PAPER_LAYER, PAPER_PRETRAIN_ITERATIONS
 
 NETS = (("pretrained", "alex-net", "-."), ("finetune_all", "fine-tuned", "-"))
-
-
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def figure1(res: Results) -> Any | None:
@@ -27,7 +19,7 @@ def figure1(res: Results) -> Any | None:
     (dash-dot: alex-net, solid: fine-tuned)."""
     if not any(res.has(net, "filter_entropy") for net, _, _ in NETS):
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     colors = dict(zip(LAYERS, plt.get_cmap("viridis")([i / (len(LAYERS) - 1) for i in range(len(LAYERS))])))
     for net, title, style in NETS:
@@ -72,7 +64,7 @@ def figure4(res: Results) -> Any | None:
     """AP(k) per class: AP of a linear SVM on the k most important pool-5 filters."""
     if not any(res.has(net, "unit_count") for net, _, _ in NETS):
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(4, 5, figsize=(13, 9), sharex=True, sharey=True)
     for ax, cls in zip(axes.flat, CLASS_SHORT):
         for net, title, style in NETS:
@@ -90,30 +82,17 @@ def figure4(res: Results) -> Any | None:
     return fig
 
 
-def _conv1_tiles(path: Any) -> Any:
-    """conv1 filters of a checkpoint as one image (filters scaled to [0, 1] each)."""
-    import torch
-
+def _conv1_grid(path: Any) -> Any:
+    """conv1 filters of a checkpoint as one image (``cnnft.plotting.filter_grid``)."""
     from cnnft.checkpoint import model_state, read_checkpoint
 
-    w = model_state(read_checkpoint(path), path)["conv1.weight"].float()
-    lo = w.amin(dim=(1, 2, 3), keepdim=True)
-    hi = w.amax(dim=(1, 2, 3), keepdim=True)
-    w = (w - lo) / (hi - lo).clamp_min(1e-12)
-    n, _, kh, kw = w.shape
-    cols = int(n ** 0.5 + 0.999)
-    rows = (n + cols - 1) // cols
-    grid = torch.ones(3, rows * (kh + 1), cols * (kw + 1))
-    for i in range(n):
-        r, c = divmod(i, cols)
-        grid[:, r * (kh + 1):r * (kh + 1) + kh, c * (kw + 1):c * (kw + 1) + kw] = w[i, :3]
-    return grid.permute(1, 2, 0).numpy()
+    return filter_grid(model_state(read_checkpoint(path), path)["conv1.weight"])
 
 
 def figure5(res: Results) -> Any | None:
     """conv1 filters at three snapshots (5K, 15K, 225K of 310K, scaled), training loss and
     validation top-1 during pretraining."""
-    loss, top1 = res.curves.get("train/loss", []), res.curves.get("val/top1", [])
+    loss, top1 = res.curves.get("train/loss"), res.curves.get("val/top1")
     if not res.snapshot_files and not loss:
         return None
     iterations = sorted(res.snapshot_files)
@@ -125,7 +104,7 @@ def figure5(res: Results) -> Any | None:
             best = min(iterations, key=lambda it: abs(it - target))
             if best not in picks:
                 picks.append(best)
-    plt = _plt()
+    plt = pyplot()
     # grids above, curves below, each row a sub-figure laid out on its own (subplots of a 2x3 and
     # a 2x2 grid in one figure overlapped: the grids covered the curves' titles)
     fig = plt.figure(figsize=(11, 7.5 if picks else 3.8), layout="constrained")
@@ -135,15 +114,15 @@ def figure5(res: Results) -> Any | None:
         for ax, it in zip(top.subplots(1, 3), [*picks, None, None]):
             ax.axis("off")
             if it is not None:
-                ax.imshow(_conv1_tiles(res.snapshot_files[it]), interpolation="nearest")
-                ax.set_title(f"conv1 at iteration {it}", fontsize=9)
+                show_filter_grid(ax, _conv1_grid(res.snapshot_files[it]), f"conv1 at iteration {it}",
+                                 fontsize=9)
     ax, right = bottom.subplots(1, 2)
     if loss:
-        ax.plot(*zip(*loss), lw=0.8)
+        ax.plot(*loss, lw=0.8)
     ax.set(xlabel="iteration", ylabel="training loss", title="training loss")
     ax = right
     if top1:
-        ax.plot(*zip(*[(s, 100 * v) for s, v in top1]), marker=".")
+        ax.plot(top1[0], 100 * top1[1], marker=".")
     ax.set(xlabel="iteration", ylabel="top-1 (%)", title="validation top-1 (ImageNet layout)")
     fig.suptitle("Fig. 5: conv1 filters during pretraining; training loss and validation accuracy")
     return fig

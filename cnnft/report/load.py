@@ -14,7 +14,6 @@ Nothing is recomputed; a missing file is simply absent from the loaded results.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import subprocess
@@ -22,9 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import OmegaConf
 
 from cnnft.errors import DataError
+from cnnft.plotting import read_metrics_csv
 from cnnft.report.paper import network_of
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class Results:
     tables: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     snapshots: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
     figures: dict[str, list[Path]] = field(default_factory=dict)
-    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     snapshot_files: dict[int, Path] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
@@ -108,23 +109,17 @@ def read_results_dir(run: Path) -> dict[str, dict[str, Any]]:
     return {p.stem: read_payload(p) for p in sorted((run / "results").glob("*.json"))}
 
 
-def read_curves(run: Path) -> dict[str, list[tuple[int, float]]]:
-    """Training curves from a cnnft-train run's ``csv/metrics.csv`` (step, value) per metric."""
+def read_curves(run: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Training curves ``{metric: (steps, values)}`` from a cnnft-train run's ``csv/metrics.csv``
+    (``cnnft.plotting.read_metrics_csv``); none when the file is missing or unreadable."""
     path = run / "csv" / "metrics.csv"
     if not path.is_file():
         return {}
-    curves: dict[str, list[tuple[int, float]]] = {}
-    with path.open() as f:
-        for row in csv.DictReader(f):
-            step = row.get("step")
-            for key, value in row.items():
-                if key in ("step", "epoch") or value in ("", None) or step in ("", None):
-                    continue
-                try:
-                    curves.setdefault(key, []).append((int(float(step)), float(value)))
-                except ValueError:
-                    continue
-    return curves
+    try:
+        return read_metrics_csv(path)
+    except DataError as e:  # a broken log must not stop the report
+        log.warning("training curves left out: %s", e)
+        return {}
 
 
 def read_failures(directory: Path, prefix: str) -> list[dict[str, Any]]:
