@@ -18,7 +18,8 @@ from omegaconf import DictConfig
 import cnnft.analyze
 import cnnft.train
 from cnnft.errors import ConfigError
-from cnnft.reproduce import MARKERS, discover_analyses, forward, reproduce
+from cnnft.reproduce import discover_analyses, forward, reproduce
+from cnnft.reproduce_state import MARKERS
 from tests.conftest import CONF, TINY_RUN
 from tests.test_report import _ap_rows, _write
 
@@ -268,16 +269,16 @@ def copy_root(src: Path, dst: Path) -> Path:
 @pytest.fixture()
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The checkpoint files cnnft-reproduce opens to hash their weights."""
-    import cnnft.reproduce
+    import cnnft.reproduce_state
 
     seen: list[str] = []
-    real = cnnft.reproduce.read_checkpoint
+    real = cnnft.reproduce_state.read_checkpoint
 
     def counting(path: Any) -> dict:
         seen.append(str(path))
         return real(path)
 
-    monkeypatch.setattr(cnnft.reproduce, "read_checkpoint", counting)
+    monkeypatch.setattr(cnnft.reproduce_state, "read_checkpoint", counting)
     return seen
 
 
@@ -345,7 +346,7 @@ def test_a_changed_checkpoint_reruns_exactly_its_units(fakes: Fakes, finished: P
 
 def test_old_markers_are_adopted_when_their_file_is_unchanged(fakes: Fakes, finished: Path,
                                                               tmp_path: Path) -> None:
-    from cnnft.reproduce import file_stamp
+    from cnnft.reproduce_state import file_stamp
 
     copy = copy_root(finished, tmp_path / "copy")
     folder = copy / "analyze" / "finetune_fc" / MARKERS
