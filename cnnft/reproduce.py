@@ -68,6 +68,7 @@ from cnnft.reproduce_state import (
     ROOT,
     Digests,
     adopt,
+    analysis_done,
     call_info,
     conf_digest,
     config_key,
@@ -310,25 +311,7 @@ class Pipeline:
                          wall_s=round(time.perf_counter() - began, 1))
 
         def done() -> bool:
-            marker = read_marker(network_dir, analysis)
-            spec = checkpoint() if marker is not None else ""
-            if marker is None or (spec != "random" and not Path(spec).is_file()):
-                return False
-            try:
-                if "weights" not in marker:
-                    return adopt(network_dir, analysis, marker, spec, **key(spec))
-                if marker["weights"] != self.digests(spec):
-                    return False
-            except CheckpointError:
-                return False  # unreadable: the job says why
-            if marker.get("inputs") == inputs(spec):
-                return True
-            content = key(spec)  # other inputs (conf/ edited, an override added): compare configs
-            if marker.get("config") != content["config"]:
-                return False
-            kept = {k: v for k, v in marker.items() if k != "unit"}
-            write_marker(network_dir, analysis, **{**kept, **content})  # so the next call is fast
-            return True
+            return analysis_done(network_dir, analysis, checkpoint, self.digests, inputs, key)
 
         return Unit(label, run, done, needs, network_dir)
 

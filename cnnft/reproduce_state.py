@@ -15,7 +15,7 @@ import logging
 import os
 import traceback
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import cache
 from pathlib import Path
@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cnnft.checkpoint import model_state, read_checkpoint
+from cnnft.errors import CheckpointError
 from cnnft.features import file_digest, model_digest
 from cnnft.io import files_fingerprint, stable_hash, write_json
 from cnnft.train import CONF_DIR
@@ -170,6 +171,33 @@ class Digests:
         if is_rank_zero():  # merged with what other calls wrote meanwhile
             write_json(self.path, {**self._read(), name: self.known[name]})
         return digest
+
+
+def analysis_done(directory: Path, unit: str, checkpoint: Callable[[], str], digests: Digests,
+                  inputs: Callable[[str], str], key: Callable[[str], dict[str, str]]) -> bool:
+    """Whether analysis ``unit``'s marker in ``directory`` holds for its checkpoint (``checkpoint()``,
+    asked only if there is a marker): the same weights digest, then the same ``inputs(spec)`` hash
+    (fast) or else the same resolved config (``key(spec)``, which composes it; the marker is then
+    updated so that the next call is fast). A marker of an older version is adopted (:func:`adopt`)."""
+    marker = read_marker(directory, unit)
+    spec = checkpoint() if marker is not None else ""
+    if marker is None or (spec != "random" and not Path(spec).is_file()):
+        return False
+    try:
+        if "weights" not in marker:
+            return adopt(directory, unit, marker, spec, **key(spec))
+        if marker["weights"] != digests(spec):
+            return False
+    except CheckpointError:
+        return False  # unreadable: the job says why
+    if marker.get("inputs") == inputs(spec):
+        return True
+    content = key(spec)  # other inputs (conf/ edited, an override added): compare configs
+    if marker.get("config") != content["config"]:
+        return False
+    kept = {k: v for k, v in marker.items() if k != "unit"}
+    write_marker(directory, unit, **{**kept, **content})
+    return True
 
 
 def now() -> str:
