@@ -40,6 +40,9 @@ changed (a re-trained network, a new override), not when a checkpoint was merely
 copied. A failing unit is logged and recorded (``<root>/reproduce.json``, the report) and the
 others go on; the command exits non-zero at the end. ``reproduce.json`` keeps every call
 (start, stages, overrides, commit, status) and each unit's latest status and time.
+
+(Over 400 lines with this docstring: one class of units and one run loop, read together; what
+persists between calls, markers, digests and history, is :mod:`cnnft.reproduce_state`.)
 """
 
 from __future__ import annotations
