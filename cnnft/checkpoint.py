@@ -4,7 +4,8 @@ A cnnft checkpoint is a Lightning checkpoint with a ``"cnnft"`` entry: the packa
 architecture (``width``, ``input_size``, ``num_classes``) and the resolved run config. A plain
 state dict with CaffeNet's parameter names (``conv1.weight``, ..., e.g. a converted Caffe model)
 is accepted as pretrained weights too; so is one converted from Caffe's bvlc_reference_caffenet
-(``pretrained_format="caffe"``, see ``caffe_state``).
+(``pretrained_format="caffe"``, see ``caffe_state``); ``wrap_state_dict`` turns either into a
+cnnft checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from cnnft.errors import CheckpointError, ConfigError
 from cnnft.models.caffenet import PARAM_LAYERS
 
 ARCH_KEYS = ("width", "input_size")
+#: Where a cnnft checkpoint's ``state_dict`` keeps the CaffeNet (``CaffeNetModule.net``).
+NET_PREFIX = "net."
 
 
 def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = False) -> dict[str, Any]:
@@ -68,8 +71,7 @@ def unreadable_reason(path: Path, error: Exception) -> str:
 def model_state(ckpt: dict[str, Any], path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The CaffeNet state dict inside a cnnft checkpoint (or a bare CaffeNet state dict)."""
     if "cnnft" in ckpt:
-        prefix = "net."
-        return {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        return {k[len(NET_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(NET_PREFIX)}
     if "state_dict" in ckpt and "pytorch-lightning_version" in ckpt:
         raise CheckpointError(f"{path} is a Lightning checkpoint but not a cnnft one "
                               "(no 'cnnft' entry); expected a checkpoint written by cnnft-train")
@@ -192,3 +194,19 @@ def pretrained_state(ckpt: dict[str, Any], path: str | os.PathLike[str],
     if "cnnft" not in ckpt and "state_dict" not in ckpt:
         check_layout(ckpt, path, "cnnft")
     return model_state(ckpt, path)
+
+
+# ---------------------------------------------------------------- wrapping a bare state dict
+
+
+def wrap_state_dict(ckpt: dict[str, Any], path: str | os.PathLike[str], model: dict[str, Any],
+                    fmt: str = "cnnft") -> dict[str, Any]:
+    """A loaded ``pretrained=`` file as a cnnft checkpoint (what ``cnnft-analyze`` reads): its
+    CaffeNet state dict in cnnft's layout (``pretrained_state``: ``fmt="caffe"`` flips conv1 from
+    BGR), the architecture from ``model`` (the ``model`` config node: ``width``, ``input_size``)
+    and the number of classes of its fc8, the model config, and the file it came from."""
+    state = pretrained_state(ckpt, path, fmt)
+    arch = {"width": model["width"], "input_size": model["input_size"],
+            "num_classes": int(state["fc8.weight"].shape[0])}
+    return {"cnnft": {"arch": arch, "config": {"model": model}, "source": str(path)},
+            "state_dict": {f"{NET_PREFIX}{k}": v for k, v in state.items()}, "global_step": None}

@@ -13,52 +13,79 @@ Stages (``stages=[...]`` selects, in this order)::
     report        cnnft.report.build_report                           -> <root>/report
 
 Each unit is the ordinary in-process entry (:func:`cnnft.train.train`,
-:func:`cnnft.analyze.analyze`) with a config composed from ``conf/train.yaml`` /
-``conf/analyze.yaml``, the overrides given to this command (each passed to the configs that
-have its key or group) and the unit's own, in a fixed run directory. A unit that succeeded
-writes a done marker (``.done/<unit>.json``, atomically); a later call skips it. A killed
-training stage has no marker and continues from its ``checkpoints/last.ckpt`` (``resume=auto``,
-bit-exact on the CPU). Markers hold nothing that depends on where the root lives, so a moved,
-copied or re-spelled root is recognised: an analysis marker is keyed by content, the weights
-digest of its checkpoint (:class:`Digests`) and a hash of its resolved config without paths
-under the root and without the keys in :data:`UNKEYED`; an analysis reruns when either changed
-(a re-trained network, a new override), not when a checkpoint was merely touched or copied.
-A failing unit is logged and recorded (``<root>/reproduce.json``, the report) and the others go
-on; the command exits non-zero at the end. ``reproduce.json`` keeps every call (start, stages,
-overrides, commit, status) and each unit's latest status and time, merged across calls.
+:func:`cnnft.analyze.analyze`) with its config composed by Hydra's compose API
+(:func:`cnnft.task.compose_job`: ``conf/train.yaml`` / ``conf/analyze.yaml``, the run directory
+given as ``paths.output_dir``), and W&B ended after it (:func:`cnnft.task.finishing_wandb`).
+
+Overrides. ``conf/reproduce.yaml`` composes the config groups that training and analysis share
+(``paths``, ``scale`` with its ``data``/``model``/``recipe`` nodes, ``proposals``, ``logger``,
+``probe``; and ``trainer``, ``debug`` that only training has), so Hydra checks every override
+of this command against them. Each override that is not one of this command's own keys
+(:data:`OWN_KEYS`) is forwarded whole, as given, to each kind of job whose config has its
+top-level key or group: Hydra's override parser reads the key, the job's composed config and
+its defaults-list choices say what it has (:func:`forward`). So ``trainer=ddp`` and
+``debug=fast`` reach the training stages, ``data.*``, ``recipe.*``, ``probe.*``, ``scale=``,
+``logger=csv`` both kinds; ``train_overrides=[...]`` / ``analyze_overrides=[...]`` reach one
+kind only (and may name keys this command lacks: ``callbacks.*``, ``batch_size``). A unit's own
+overrides (its stage, checkpoint, directory) come last and win.
+
+Before anything is written, the job configs the selected stages compose are checked for the
+mandatory values they need (``scale=paper``: ``data.imagenet_root``, ``data.voc_root``).
+
+A unit that succeeded writes a done marker (:mod:`cnnft.reproduce_state`: keyed by content, so a
+moved, copied or re-spelled root is recognised); a later call skips it. A killed training stage
+has no marker and continues from its ``checkpoints/last.ckpt`` (``resume=auto``, bit-exact on
+the CPU). An analysis reruns when the weights digest of its checkpoint or its resolved config
+changed (a re-trained network, a new override), not when a checkpoint was merely touched or
+copied. A failing unit is logged and recorded (``<root>/reproduce.json``, the report) and the
+others go on; the command exits non-zero at the end. ``reproduce.json`` keeps every call
+(start, stages, overrides, commit, status) and each unit's latest status and time.
+
+(Over 400 lines with this docstring: one class of units and one run loop, read together; what
+persists between calls, markers, digests and history, is :mod:`cnnft.reproduce_state`.)
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
 import sys
 import time
-import traceback
-import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
 
 from cnnft.callbacks import snapshot_name
-from cnnft.checkpoint import model_state, pretrained_state, read_checkpoint
-from cnnft.cli import command
+from cnnft.checkpoint import read_checkpoint, wrap_state_dict
+from cnnft.cli import HINTS, command, missing_values
 from cnnft.errors import CheckpointError, ConfigError
-from cnnft.features import file_digest, model_digest
-from cnnft.io import files_fingerprint, stable_hash, write_json
+from cnnft.io import atomic_write, stable_hash
+from cnnft.reproduce_state import (
+    ROOT,
+    Digests,
+    adopt,
+    analysis_done,
+    call_info,
+    conf_digest,
+    config_key,
+    is_rank_zero,
+    now,
+    read_marker,
+    record_call,
+    root_spellings,
+    run_info,
+    unrooted,
+    write_failure,
+    write_marker,
+)
+from cnnft.task import compose_job, finishing_wandb, path_override, task_wrapper
 from cnnft.train import CONF_DIR
 
 log = logging.getLogger(__name__)
@@ -74,18 +101,10 @@ TRAIN_STAGES = {
 }
 #: Keys of conf/reproduce.yaml that belong to this command and are never forwarded.
 OWN_KEYS = {"root", "stages", "pretrained", "train_overrides", "analyze_overrides", "networks",
-            "snapshots", "report", "hydra"}
-MARKERS = ".done"
-FAILURES = ".failed"
-#: Config keys left out of an analysis marker's key: the checkpoint path and the output
-#: directory (where the root lives; the checkpoint counts by its weights digest) and what
-#: changes how a job runs, not what it computes.
-UNKEYED = ("checkpoint", "paths.output_dir", "run_name", "tags", "progress", "logger",
-           "data.num_workers")
-ROOT = "<root>"
+            "exclude_analyses", "snapshots", "report", "stage", "hydra"}
 
 
-# ---------------------------------------------------------------- overrides and configs
+# ---------------------------------------------------------------- overrides
 
 
 def discover_analyses(conf_dir: str | Path = CONF_DIR) -> list[str]:
@@ -94,205 +113,27 @@ def discover_analyses(conf_dir: str | Path = CONF_DIR) -> list[str]:
 
 
 def override_key(line: str) -> str:
-    """The top-level key or group an override sets: ``+trainer.devices=2`` -> ``trainer``."""
-    key = line.split("=", 1)[0].lstrip("+~").strip()
-    return re.split(r"[./@]", key)[0]
+    """The top-level key or group an override sets (Hydra's parser): ``+trainer.devices=2`` ->
+    ``trainer``, ``hydra/launcher=slurm`` -> ``hydra``."""
+    key = OverridesParser.create().parse_override(line).key_or_group
+    return key.split("/")[0].split(".")[0]
 
 
 @cache
 def config_keys(name: str) -> frozenset[str]:
-    """Top-level keys and config groups of ``conf/<name>.yaml`` (after composing its defaults)."""
-    with _hydra():
-        cfg = compose(name)
-    groups = set()
-    for entry in OmegaConf.load(Path(CONF_DIR) / f"{name}.yaml").get("defaults", []):
-        if isinstance(entry, str):
-            groups.add(entry)
-        else:
-            groups.update(str(k).replace("optional ", "").replace("override ", "").strip() for k in entry)
-    return frozenset(set(cfg.keys()) | groups)
+    """Top-level keys and config groups of ``conf/<name>.yaml`` as composed."""
+    cfg = compose_job(name, return_hydra_config=True)
+    groups = {str(g).split("/")[0] for g in cfg.hydra.runtime.choices}
+    return frozenset({str(k) for k in cfg if k != "hydra"} | groups - {"hydra"})
 
 
 def forward(overrides: Sequence[str], name: str, own: Sequence[str] = ()) -> list[str]:
     """The overrides meant for ``conf/<name>.yaml``: those whose key it has, except this
     command's own keys and the keys in ``own`` (set by the unit itself)."""
-    keys, skip = config_keys(name), {override_key(o) for o in own}
-    return [o for o in overrides
-            if override_key(o) in keys and override_key(o) not in OWN_KEYS | skip]
+    keys, skip = config_keys(name), OWN_KEYS | {override_key(o) for o in own}
+    return [o for o in overrides if override_key(o) in keys and override_key(o) not in skip]
 
 
-@contextmanager
-def _hydra() -> Iterator[None]:
-    """Compose from cnnft's conf/ whether or not a Hydra app is already running."""
-    if GlobalHydra.instance().is_initialized():
-        yield
-    else:
-        with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
-            yield
-
-
-@contextmanager
-def job_config(name: str, overrides: Sequence[str], output_dir: Path) -> Iterator[DictConfig]:
-    """Compose ``conf/<name>.yaml`` as its command would, run directory ``output_dir``; the
-    ``${hydra:...}`` values point at this job until the block ends."""
-    with _hydra():
-        cfg = compose(name, overrides=list(overrides), return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-    hydra_config = HydraConfig.instance()
-    saved = hydra_config.cfg
-    hydra_config.set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-        cfg.paths.output_dir = str(output_dir)
-    try:
-        yield cfg
-    finally:
-        hydra_config.cfg = saved
-
-
-def _finish_wandb() -> None:
-    if "wandb" in sys.modules:  # one W&B run per unit, never merged
-        sys.modules["wandb"].finish()
-
-
-def is_rank_zero() -> bool:
-    """True unless this process is a non-zero rank of a distributed launch (SLURM, torchrun)."""
-    return all(int(os.environ.get(v, 0)) == 0 for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
-
-
-# ---------------------------------------------------------------- markers
-
-
-def marker_path(directory: Path, unit: str) -> Path:
-    return directory / MARKERS / f"{unit}.json"
-
-
-def read_marker(directory: Path, unit: str) -> dict[str, Any] | None:
-    path = marker_path(directory, unit)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_marker(directory: Path, unit: str, **info: Any) -> None:
-    """Record that ``unit`` finished in ``directory`` (atomically); clear an old failure record."""
-    if is_rank_zero():
-        write_json(marker_path(directory, unit), {"unit": unit, "finished": _now(), **info})
-        (directory / FAILURES / f"{unit}.json").unlink(missing_ok=True)
-
-
-def write_failure(directory: Path, unit: str, error: BaseException) -> None:
-    if is_rank_zero():
-        write_json(directory / FAILURES / f"{unit}.json",
-                   {"unit": unit, "failed": _now(), "error": f"{type(error).__name__}: {error}",
-                    "traceback": traceback.format_exception(error)})
-
-
-def file_stamp(path: str | Path) -> str:
-    """The file stamp (path as given, size, mtime) that markers held before they were keyed by
-    content; read only to adopt such a marker (:func:`adopt`)."""
-    return "random" if str(path) == "random" else files_fingerprint([path])
-
-
-def adopt(directory: Path, unit: str, marker: dict[str, Any], spec: str, **key: Any) -> bool:
-    """A marker written before markers were keyed by content (it holds a file ``stamp``) still
-    counts if ``spec`` is the file it was written for (same path as given, size and mtime): it is
-    rewritten with the content ``key`` and True returned. Otherwise False: the unit runs again."""
-    if "stamp" not in marker or marker["stamp"] != file_stamp(spec):
-        return False
-    kept = {k: v for k, v in marker.items() if k not in ("unit", "finished", "stamp")}
-    write_marker(directory, unit, **kept, **key, adopted=marker.get("finished"))
-    return True
-
-
-@cache
-def conf_digest(conf_dir: str | Path = CONF_DIR) -> str:
-    """Hash of the config files and the ``CNNFT_*`` environment variables (what composing a
-    config reads besides its overrides)."""
-    files = {str(p.relative_to(conf_dir)): file_digest(p) for p in sorted(Path(conf_dir).rglob("*.yaml"))}
-    env = {k: v for k, v in os.environ.items() if k.startswith("CNNFT_")}
-    return stable_hash({"files": files, "env": env})
-
-
-def root_spellings(root: Path) -> tuple[str, ...]:
-    """The ways paths under ``root`` may be written (as given, absolute, symlinks resolved)."""
-    return tuple(sorted({str(root), str(root.absolute()), str(root.resolve())}, key=len, reverse=True))
-
-
-def unrooted(value: Any, spellings: Sequence[str]) -> Any:
-    """``value`` (a string or a container of them) with each path under the root written
-    ``<root>/...``, so that it reads the same wherever the root lives and however it is spelled."""
-    if isinstance(value, dict):
-        return {k: unrooted(v, spellings) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [unrooted(v, spellings) for v in value]
-    if isinstance(value, str):
-        for base in spellings:
-            if value == base or value.startswith(base.rstrip(os.sep) + os.sep):
-                return ROOT + value[len(base.rstrip(os.sep)):]
-    return value
-
-
-def config_key(cfg: DictConfig, spellings: Sequence[str]) -> str:
-    """Hash of a job's resolved config without the keys in :data:`UNKEYED`, paths under the
-    root written ``<root>/...``."""
-    data: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    for dotted in UNKEYED:
-        *parents, last = dotted.split(".")
-        node: Any = data
-        for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(last, None)
-    return stable_hash(unrooted(data, spellings), length=24)
-
-
-class Digests:
-    """Weights digests of checkpoint files (:func:`cnnft.features.model_digest` of the network's
-    state dict: the same for a file copied, touched or re-saved with equal weights), kept in
-    ``<root>/.done/digests.json`` by ``<root>/``-relative path with each file's size and mtime.
-    A file is read again only when its size or mtime differs from the remembered ones."""
-
-    def __init__(self, root: Path) -> None:
-        self.spellings = root_spellings(root)
-        self.path = root / MARKERS / "digests.json"
-        self.known: dict[str, dict[str, Any]] = {}
-        self.loaded = False
-
-    def _read(self) -> dict[str, dict[str, Any]]:
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def __call__(self, spec: str | Path) -> str:
-        """The digest of checkpoint ``spec`` (``random`` for the random network)."""
-        if str(spec) == "random":
-            return "random"
-        if not self.loaded:
-            self.known, self.loaded = self._read(), True
-        name = unrooted(str(Path(spec).absolute()), self.spellings)
-        st = os.stat(spec)
-        stamp = [st.st_size, st.st_mtime_ns]
-        entry = self.known.get(name)
-        if entry is not None and entry.get("stamp") == stamp:
-            return str(entry["digest"])
-        digest = model_digest(model_state(read_checkpoint(spec), spec))
-        self.known[name] = {"stamp": stamp, "digest": digest}
-        if is_rank_zero():  # merged with what other calls wrote meanwhile
-            write_json(self.path, {**self._read(), name: self.known[name]})
-        return digest
-
-
-def _now() -> str:
-    return datetime.now().isoformat(timespec="seconds")
-
-
-# ---------------------------------------------------------------- units
 
 
 @dataclass
@@ -307,8 +148,11 @@ class Unit:
 
 
 @dataclass
+
+@dataclass
 class Pipeline:
-    """The units of one ``cnnft-reproduce`` call and the overrides forwarded to them."""
+    """The units of one ``cnnft-reproduce`` call and the overrides forwarded to them. Checks the
+    stages and the data roots the selected stages need when built (before anything is written)."""
 
     cfg: DictConfig
     overrides: list[str]
@@ -322,53 +166,74 @@ class Pipeline:
         if unknown:
             raise ConfigError(f"stages={list(self.cfg.stages)}: unknown {unknown}; expected a subset of "
                               f"{list(STAGES)}")
+        self.check_data()
 
-    # ------------------------------------------------------------ training
+    # ------------------------------------------------------------ job configs
+    def job(self, name: str, overrides: Sequence[str], output_dir: Path) -> DictConfig:
+        return compose_job(name, overrides, output_dir)
+
     def train_overrides(self, stage: str, pretrained: str | None) -> list[str]:
         own = [*TRAIN_STAGES[stage], "resume=auto", f"run_name={stage}",
-               *([f"pretrained={pretrained}"] if pretrained else [])]
-        extra = [*self.overrides, *self.cfg.train_overrides]
-        return [*forward(extra, "train", own), *own]
+               *([path_override("pretrained", pretrained)] if pretrained else [])]
+        return [*forward([*self.overrides, *self.cfg.train_overrides], "train", own), *own]
 
+    def analyze_overrides(self, spec: str, analysis: str, label: str, extra: Sequence[str]) -> list[str]:
+        own = [path_override("checkpoint", spec), f"analyses=[{analysis}]",
+               f"run_name={label.replace('/', '-')}", *extra]
+        return [*forward([*self.overrides, *self.cfg.analyze_overrides], "analyze", own), *own]
+
+    def check_data(self) -> None:
+        """Refuse the call, naming each mandatory value (``data.imagenet_root``, ...) that a
+        selected stage's job needs and nobody gave."""
+        stages = set(self.cfg.stages)
+        jobs = []
+        if "pretrain" in stages and not self.cfg.pretrained:
+            jobs.append(("train", self.train_overrides("pretrain", None), "datamodule"))
+        if stages & {"finetune_all", "finetune_fc", "fifty_fifty"}:
+            jobs.append(("train", self.train_overrides("finetune_all", "x.ckpt"), "datamodule"))
+        if "analyze" in stages:
+            jobs.append(("analyze", self.analyze_overrides("random", "probe_cls", "check", []),
+                         "data.voc_root"))
+        missing = dict.fromkeys(m for name, over, key in jobs
+                                for m in missing_values(self.job(name, over, self.root), key))
+        if missing:
+            raise ConfigError("; ".join(f"{key} is missing: pass {HINTS.get(key, key + '=VALUE')}"
+                                        for key in missing))
+
+    # ------------------------------------------------------------ training
     def pretrained_checkpoint(self) -> str:
         """What the fine-tuning stages start from: ``pretrained=`` or our pretraining's last."""
         return str(self.cfg.pretrained or self.root / "pretrain" / "checkpoints" / "last.ckpt")
 
     def fifty_fifty_checkpoint(self) -> str:
-        with job_config("train", self.train_overrides("fifty_fifty", None), self.root / "fifty_fifty") as cfg:
-            iteration = int(cfg.recipe.fifty_fifty.pretrain_iteration)
+        cfg = self.job("train", self.train_overrides("fifty_fifty", None), self.root / "fifty_fifty")
+        iteration = int(cfg.recipe.fifty_fifty.pretrain_iteration)
         return str(self.root / "pretrain" / "snapshots" / snapshot_name(iteration))
 
     def train_unit(self, stage: str) -> Unit:
         out = self.root / stage
-
-        def start() -> str | None:
-            if stage == "pretrain":
-                return None
-            return self.fifty_fifty_checkpoint() if stage == "fifty_fifty" else self.pretrained_checkpoint()
+        last = out / "checkpoints" / "last.ckpt"
 
         def run() -> None:
             from cnnft.train import train
 
-            source = start()
+            source = (None if stage == "pretrain" else self.fifty_fifty_checkpoint()
+                      if stage == "fifty_fifty" else self.pretrained_checkpoint())
             if source is not None and not Path(source).is_file():
                 raise ConfigError(f"stage {stage} starts from {source}, which does not exist; run the "
                                   "pretrain stage first (or give pretrained=PATH)")
             began = time.perf_counter()
             source_weights = self.digests(source) if source is not None else None
-            with job_config("train", self.train_overrides(stage, source), out) as cfg:
-                try:
-                    metrics, _ = train(cfg)
-                finally:
-                    _finish_wandb()
-            last = out / "checkpoints" / "last.ckpt"
+            cfg = self.job("train", self.train_overrides(stage, source), out)
+            with finishing_wandb():
+                metrics, _ = train(cfg)
             write_marker(out, stage, wall_s=round(time.perf_counter() - began, 1),
                          pretrained=unrooted(source, self.spellings), source_weights=source_weights,
                          weights=self.digests(last) if last.is_file() else None, metrics=metrics)
 
         def done() -> bool:
             marker = read_marker(out, stage)
-            if marker is None or not (out / "checkpoints" / "last.ckpt").is_file():
+            if marker is None or not last.is_file():
                 return False
             source = str(marker.get("pretrained") or "")  # what it was trained from, in this root
             source = str(self.root) + source[len(ROOT):] if source.startswith(ROOT) else source
@@ -382,8 +247,7 @@ class Pipeline:
                                 "%s away to train it again from them)", stage, source, out)
             return True
 
-        needs = () if stage == "pretrain" else ("pretrain",)
-        return Unit(stage, run, done, needs, out)
+        return Unit(stage, run, done, () if stage == "pretrain" else ("pretrain",), out)
 
     # ------------------------------------------------------------ analyses
     def network_checkpoint(self, network: str) -> str:
@@ -391,36 +255,27 @@ class Pipeline:
             return "random"
         if network == "pretrained" and self.cfg.pretrained:
             return self.as_cnnft_checkpoint(str(self.cfg.pretrained))
-        if network == "pretrained":
-            return str(self.root / "pretrain" / "checkpoints" / "last.ckpt")
-        return str(self.root / network / "checkpoints" / "last.ckpt")
+        folder = "pretrain" if network == "pretrained" else network
+        return str(self.root / folder / "checkpoints" / "last.ckpt")
 
     def as_cnnft_checkpoint(self, path: str) -> str:
         """``pretrained=`` may be a bare CaffeNet state dict; cnnft-analyze needs a cnnft
-        checkpoint: wrap it once into ``<root>/pretrained/network.ckpt``."""
+        checkpoint: wrap it once (:func:`cnnft.checkpoint.wrap_state_dict`) into
+        ``<root>/pretrained/network.ckpt``, the network geometry from the analysis config."""
         if not Path(path).is_file():
             return path
         ckpt = read_checkpoint(path)
         if "cnnft" in ckpt:
             return path
         fmt = self.cfg.get("pretrained_format", "cnnft")
-        state = pretrained_state(ckpt, path, fmt)
         target = self.root / "pretrained" / "network.ckpt"
-        marker = read_marker(target.parent, "wrap")
-        weights = self.digests(path)
+        marker, weights = read_marker(target.parent, "wrap"), self.digests(path)
         if target.is_file() and marker is not None and marker.get("format", "cnnft") == fmt and (
                 marker.get("weights") == weights
                 or adopt(target.parent, "wrap", marker, path, weights=weights)):
             return str(target)
-        with job_config("analyze", [*forward(self.overrides, "analyze"), "checkpoint=random"],
-                        target.parent) as cfg:
-            model = OmegaConf.to_container(cfg.model, resolve=True)
-        arch = {"width": model["width"], "input_size": model["input_size"],
-                "num_classes": int(state["fc8.weight"].shape[0])}
-        wrapped = {"cnnft": {"arch": arch, "config": {"model": model}, "source": str(path)},
-                   "state_dict": {f"net.{k}": v for k, v in state.items()}, "global_step": None}
-        from cnnft.io import atomic_write
-
+        cfg = self.job("analyze", [*forward(self.overrides, "analyze"), "checkpoint=random"], target.parent)
+        wrapped = wrap_state_dict(ckpt, path, OmegaConf.to_container(cfg.model, resolve=True), fmt)  # type: ignore[arg-type]
         atomic_write(target, lambda tmp: torch.save(wrapped, tmp))
         write_marker(target.parent, "wrap", weights=weights, format=fmt,
                      source=unrooted(str(path), self.spellings))
@@ -429,9 +284,7 @@ class Pipeline:
     def analysis_unit(self, label: str, network_dir: Path, analysis: str, checkpoint: Callable[[], str],
                       extra: Sequence[str], needs: tuple[str, ...]) -> Unit:
         def overrides(spec: str) -> list[str]:
-            own = [f"checkpoint={spec}", f"analyses=[{analysis}]", f"run_name={label.replace('/', '-')}",
-                   *extra]
-            return [*forward([*self.overrides, *self.cfg.analyze_overrides], "analyze", own), *own]
+            return self.analyze_overrides(spec, analysis, label, extra)
 
         def inputs(spec: str) -> str:
             """Hash of what composing the config reads: conf/, CNNFT_* variables, the overrides
@@ -441,9 +294,7 @@ class Pipeline:
 
         def key(spec: str, cfg: DictConfig | None = None) -> dict[str, str]:
             """What the results depend on: the weights and the config (composed unless given)."""
-            if cfg is None:
-                with job_config("analyze", overrides(spec), network_dir) as composed:
-                    return key(spec, composed)
+            cfg = cfg if cfg is not None else self.job("analyze", overrides(spec), network_dir)
             return {"weights": self.digests(spec), "config": config_key(cfg, self.spellings),
                     "inputs": inputs(spec)}
 
@@ -455,74 +306,45 @@ class Pipeline:
                 raise ConfigError(f"checkpoint {spec} for {label} does not exist (its training stage "
                                   "has not finished)")
             began = time.perf_counter()
-            with job_config("analyze", overrides(spec), network_dir) as cfg:
-                content = key(spec, cfg)  # before the job: analyses may fill in the config
-                try:
-                    analyze(cfg)
-                finally:
-                    _finish_wandb()
+            cfg = self.job("analyze", overrides(spec), network_dir)
+            content = key(spec, cfg)  # before the job: analyses may fill in the config
+            with finishing_wandb():
+                analyze(cfg)
             write_marker(network_dir, analysis, **content, checkpoint=unrooted(spec, self.spellings),
                          wall_s=round(time.perf_counter() - began, 1))
 
         def done() -> bool:
-            marker = read_marker(network_dir, analysis)
-            if marker is None:
-                return False
-            spec = checkpoint()
-            if spec != "random" and not Path(spec).is_file():
-                return False
-            try:
-                if "weights" not in marker:
-                    return adopt(network_dir, analysis, marker, spec, **key(spec))
-                if marker["weights"] != self.digests(spec):
-                    return False
-            except CheckpointError:
-                return False  # unreadable: the job says why
-            if marker.get("inputs") == inputs(spec):
-                return True
-            content = key(spec)  # other inputs (conf/ edited, an override added): compare configs
-            if marker.get("config") != content["config"]:
-                return False
-            kept = {k: v for k, v in marker.items() if k != "unit"}
-            write_marker(network_dir, analysis, **{**kept, **content})  # so the next call is fast
-            return True
+            return analysis_done(network_dir, analysis, checkpoint, self.digests, inputs, key)
 
         return Unit(label, run, done, needs, network_dir)
 
     def network_units(self) -> list[Unit]:
-        units = []
         skip = set(self.cfg.get("exclude_analyses") or [])
         everything = [a for a in discover_analyses() if a not in skip]
+        units = []
         for network in NETWORKS:
             spec = self.cfg.networks.get(network)
             if spec is None:
                 continue
-            analyses = list(spec.get("analyses") or everything)
             extra = spec.get("overrides") or {}
             needs = {"pretrained": ("pretrain",), "random": ()}.get(network, (network,))
-            for analysis in analyses:
-                units.append(self.analysis_unit(
-                    f"analyze/{network}/{analysis}", self.root / "analyze" / network, analysis,
-                    lambda n=network: self.network_checkpoint(n), list(extra.get(analysis, [])), needs))
+            units += [self.analysis_unit(f"analyze/{network}/{analysis}", self.root / "analyze" / network,
+                                         analysis, lambda n=network: self.network_checkpoint(n),
+                                         list(extra.get(analysis, [])), needs)
+                      for analysis in list(spec.get("analyses") or everything)]
         return units
 
     def snapshot_units(self) -> list[Unit]:
         """One unit per (snapshot, analysis); the snapshot set is known once pretraining ran."""
         spec = self.cfg.snapshots
-        folder = self.root / "pretrain" / "snapshots"
         wanted = set(spec.iterations) if spec.get("iterations") else None
-        units = []
-        for path in sorted(folder.glob("iter_*.ckpt")):
-            iteration = int(path.stem.split("_")[1])
-            if wanted is not None and iteration not in wanted:
-                continue
-            for analysis in spec.analyses:
-                units.append(self.analysis_unit(
-                    f"analyze/snapshots/{path.stem}/{analysis}",
-                    self.root / "analyze" / "snapshots" / path.stem,
-                    analysis, lambda p=path: str(p), list((spec.get("overrides") or {}).get(analysis, [])),
-                    ("pretrain",)))
-        return units
+        extra = spec.get("overrides") or {}
+        return [self.analysis_unit(f"analyze/snapshots/{path.stem}/{analysis}",
+                                   self.root / "analyze" / "snapshots" / path.stem, analysis,
+                                   lambda p=path: str(p), list(extra.get(analysis, [])), ("pretrain",))
+                for path in sorted((self.root / "pretrain" / "snapshots").glob("iter_*.ckpt"))
+                if wanted is None or int(path.stem.split("_")[1]) in wanted
+                for analysis in spec.analyses]
 
     # ------------------------------------------------------------ report
     def report_unit(self) -> Unit:
@@ -560,58 +382,6 @@ def stage_bar(done: int, total: int, name: str, elapsed: float, width: int = 24)
     filled = round(width * done / max(total, 1))
     minutes, seconds = divmod(int(elapsed), 60)
     return f"{'━' * filled}{'─' * (width - filled)}  {done}/{total}  {name}  ({minutes}m{seconds:02d}s)"
-
-
-def run_info(cfg: DictConfig) -> dict[str, Any]:
-    """What the report's header states about the run: scale, data roots, pretrained weights."""
-    data = OmegaConf.select(cfg, "data", default={}) or {}
-    return {"scale": str(cfg.scale.name), "imagenet_root": str(data.get("imagenet_root", "")),
-            "voc_root": str(data.get("voc_root", "")), "pretrained": cfg.pretrained}
-
-
-def call_info(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]:
-    """One call of this command as ``reproduce.json`` lists it: start, stages, overrides,
-    commit, machine and ``status`` (``unfinished`` until it ends, then ``ok`` or ``failed``)."""
-    from cnnft.report.load import git_commit
-
-    return {"id": uuid.uuid4().hex[:12], "started": _now(), "stages": list(cfg.stages),
-            "overrides": list(overrides), "commit": git_commit(),
-            "machine": f"{os.cpu_count()} CPU cores, "
-                       f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
-            "status": "unfinished"}
-
-
-def merge_status(saved: dict[str, Any], info: dict[str, Any], call: dict[str, Any],
-                 units: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """``reproduce.json`` with one call merged in: the run's facts (``info``) as of this call;
-    ``started``, when the first call began; ``calls``, every call in order (this one replaced by
-    its ``id``); ``units``, each unit's latest status and wall time with the number of the call
-    that set it (units this call did not reach are kept). ``saved`` may be in the one-call
-    layout of older versions."""
-    from cnnft.report.load import reproduce_calls
-
-    calls = reproduce_calls(saved)
-    ids = [c.get("id") for c in calls]
-    if call["id"] in ids:
-        calls[ids.index(call["id"])] = call
-    else:
-        calls.append(call)
-    number = [c.get("id") for c in calls].index(call["id"]) + 1
-    merged = {**(saved.get("units") or {}), **{k: {**v, "call": number} for k, v in units.items()}}
-    return {**info, "started": calls[0].get("started"), "calls": calls, "units": merged}
-
-
-def record_call(path: Path, info: dict[str, Any], call: dict[str, Any],
-                units: dict[str, dict[str, Any]]) -> None:
-    """Merge this call into ``path`` (read again each time: other calls may write it too), atomically."""
-    try:
-        saved = json.loads(path.read_text())
-    except FileNotFoundError:
-        saved = {}
-    except (OSError, ValueError) as e:
-        log.warning("%s is unreadable (%s); starting its history anew", path, e)
-        saved = {}
-    write_json(path, merge_status(saved if isinstance(saved, dict) else {}, info, call, units))
 
 
 def reproduce(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
@@ -666,7 +436,7 @@ def reproduce(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, dict[
     console.rule(stage_bar(count, planned, "finished", time.perf_counter() - began), align="left")
     bad = {k: v for k, v in status.items() if v["status"] in ("failed", "blocked")}
     if is_rank_zero():
-        call.update(wall_s=round(time.perf_counter() - began, 1), finished=_now(),
+        call.update(wall_s=round(time.perf_counter() - began, 1), finished=now(),
                     status="failed" if bad else "ok")
         record_call(status_path, info, call, status)
     for name, entry in bad.items():
@@ -674,11 +444,16 @@ def reproduce(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, dict[
     return status
 
 
+def accept(cfg: DictConfig) -> None:
+    """Refuse the call before anything is written (bad stages, data roots not given)."""
+    Pipeline(cfg, list(HydraConfig.get().overrides.task))
+
+
 @command
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="reproduce")
+@task_wrapper(accept=accept)
 def main(cfg: DictConfig) -> None:
-    overrides = list(HydraConfig.get().overrides.task)
-    status = reproduce(cfg, overrides)
+    status = reproduce(cfg, list(HydraConfig.get().overrides.task))
     if any(v["status"] in ("failed", "blocked") for v in status.values()):
         sys.exit(1)
 

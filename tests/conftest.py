@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
+
+from cnnft.task import compose_job
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -32,18 +33,11 @@ TINY_RUN = TINY_DATA + [
 
 
 def compose_cfg(overrides: list[str], output_dir: Path, data_dir: Path, name: str = "train") -> DictConfig:
-    """Compose ``conf/<name>.yaml`` as the command would, with the run directory set."""
+    """Compose ``conf/<name>.yaml`` as cnnft-reproduce does (:func:`cnnft.task.compose_job`), with
+    the run directory set, outside any Hydra app (no Hydra state left by other tests)."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose(name, overrides=[f"paths.data_dir={data_dir}", *overrides],
-                      return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]  # as in a real job: the hydra node is only reachable via ${hydra:...}
-    return cfg
+    HydraConfig.instance().cfg = None  # type: ignore[assignment]
+    return compose_job(name, [f"paths.data_dir={data_dir}", *overrides], output_dir)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,8 @@ from omegaconf import DictConfig
 import cnnft.analyze
 import cnnft.train
 from cnnft.errors import ConfigError
-from cnnft.reproduce import MARKERS, discover_analyses, forward, reproduce
+from cnnft.reproduce import discover_analyses, forward, reproduce
+from cnnft.reproduce_state import MARKERS
 from tests.conftest import CONF, TINY_RUN
 from tests.test_report import _ap_rows, _write
 
@@ -50,6 +51,67 @@ def test_every_analysis_config_is_discovered() -> None:
 def test_unknown_stage_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"unknown \['pretrian'\]"):
         reproduce(repro_cfg(tmp_path, "stages=[pretrian]"))
+
+
+def test_job_configs_resolve_without_hydra_runtime(tmp_path: Path) -> None:
+    """No conf/ value reads Hydra's runtime: each command's config composed by the compose API
+    resolves whole (cnnft-reproduce's too: its logger names run_name), the run directory an
+    ordinary key."""
+    from omegaconf import OmegaConf
+
+    from cnnft.task import compose_job
+
+    assert not [p for p in CONF.rglob("*.yaml") if "${hydra:" in p.read_text() and "hydra" not in p.parts]
+    for name in ("train", "analyze", "reproduce"):
+        GlobalHydra.instance().clear()
+        cfg = compose_job(name, ["logger=wandb"], tmp_path / "a b=[c]")
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        assert resolved["paths"]["output_dir"] == str(tmp_path / "a b=[c]")
+        assert resolved["logger"]["save_dir"] == str(tmp_path / "a b=[c]")
+    assert resolved["logger"]["name"] == "reproduce-demo"
+    assert OmegaConf.to_container(repro_cfg(tmp_path / "r"), resolve=True)["paths"]["output_dir"] == str(
+        tmp_path / "r")
+
+
+def test_reproduce_cfg_job_resolve_cli(tmp_path: Path) -> None:
+    """``cnnft-reproduce --cfg job --resolve`` prints the resolved config."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "cnnft.reproduce", "--cfg", "job", "--resolve",
+                          f"root={tmp_path}"], capture_output=True, text=True, timeout=300,
+                         cwd=CONF.parent, env={**os.environ, "PYTHONPATH": str(CONF.parent)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "name: reproduce-demo" in out.stdout and f"save_dir: {tmp_path}" in out.stdout
+
+
+def test_paper_scale_without_data_roots_is_refused_up_front(fakes: Fakes, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+
+    def call(*overrides: str) -> dict:  # as the command line does: the config and its overrides
+        return reproduce(repro_cfg(root, *overrides), list(overrides))
+
+    with pytest.raises(ConfigError, match=r"^data\.imagenet_root is missing: pass data\.imagenet_root=/path/"
+                                          r".*; data\.voc_root is missing: pass data\.voc_root=/path/"):
+        call("scale=paper")
+    with pytest.raises(ConfigError, match=r"^data\.voc_root is missing"):  # analyses need no ImageNet
+        call("scale=paper", "stages=[analyze]")
+    assert not root.exists() and fakes.train_calls == [] and fakes.analyze_calls == []
+    call("scale=paper", "stages=[pretrain]", "data.imagenet_root=/x")  # pretraining needs no VOC
+    assert [c["dir"] for c in fakes.train_calls] == ["pretrain"]
+
+
+def test_paper_scale_without_data_roots_cli_writes_nothing(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = tmp_path / "root"
+    out = subprocess.run([sys.executable, "-m", "cnnft.reproduce", "scale=paper", f"root={root}"],
+                         capture_output=True, text=True, timeout=300, cwd=CONF.parent,
+                         env={**os.environ, "PYTHONPATH": str(CONF.parent)})
+    assert out.returncode == 1
+    assert "data.imagenet_root is missing" in out.stderr and "data.voc_root is missing" in out.stderr
+    assert [p for p in root.rglob("*")] == []  # Hydra makes the directory; nothing is written in it
 
 
 class Fakes:
@@ -268,16 +330,16 @@ def copy_root(src: Path, dst: Path) -> Path:
 @pytest.fixture()
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The checkpoint files cnnft-reproduce opens to hash their weights."""
-    import cnnft.reproduce
+    import cnnft.reproduce_state
 
     seen: list[str] = []
-    real = cnnft.reproduce.read_checkpoint
+    real = cnnft.reproduce_state.read_checkpoint
 
     def counting(path: Any) -> dict:
         seen.append(str(path))
         return real(path)
 
-    monkeypatch.setattr(cnnft.reproduce, "read_checkpoint", counting)
+    monkeypatch.setattr(cnnft.reproduce_state, "read_checkpoint", counting)
     return seen
 
 
@@ -345,7 +407,7 @@ def test_a_changed_checkpoint_reruns_exactly_its_units(fakes: Fakes, finished: P
 
 def test_old_markers_are_adopted_when_their_file_is_unchanged(fakes: Fakes, finished: Path,
                                                               tmp_path: Path) -> None:
-    from cnnft.reproduce import file_stamp
+    from cnnft.reproduce_state import file_stamp
 
     copy = copy_root(finished, tmp_path / "copy")
     folder = copy / "analyze" / "finetune_fc" / MARKERS

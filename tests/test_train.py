@@ -357,7 +357,7 @@ def test_task_wrapper_logs_failure_to_the_job_log(tmp_path: Path) -> None:
     from tests.conftest import compose_cfg
 
     cfg = compose_cfg(["checkpoint=random"], tmp_path / "job", tmp_path, name="analyze")
-    log_file = tmp_path / "job" / f"{HydraConfig.get().job.name}.log"
+    log_file = tmp_path / "job" / "analyze.log"
     log_file.parent.mkdir(parents=True)
     handler = logging.FileHandler(log_file)  # as Hydra attaches it for cnnft-analyze
     logging.getLogger().addHandler(handler)
