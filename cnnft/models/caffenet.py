@@ -29,6 +29,8 @@ PARAM_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"
 _BIAS_INIT = {"conv1": 0.0, "conv2": 1.0, "conv3": 0.0, "conv4": 1.0, "conv5": 1.0,
               "fc6": 1.0, "fc7": 1.0, "fc8": 0.0}
 _WEIGHT_STD = {"fc6": 0.005, "fc7": 0.005}
+#: Weight initialisations ``CaffeNet(init=...)`` knows.
+INITS = ("caffe", "kaiming")
 
 
 def _conv_out(size: int, kernel: int, stride: int = 1, pad: int = 0) -> int:
@@ -84,10 +86,15 @@ class CaffeNet(nn.Sequential):
             the width (all but conv1). ``None``: ``1/sqrt(width)``, which keeps the activation
             scale of the full network in a narrow one (exactly Caffe's init at width 1); without
             it a 1/4-width net starts with 2x smaller signals per layer and stalls.
+        init: ``"caffe"`` (the paper's: Gaussian std 0.01, fc6/fc7 0.005, times ``init_gain``) or
+            ``"kaiming"`` (std ``sqrt(2 / fan_in)`` for conv2-fc7, conv1/fc8 as Caffe's; the demo
+            scale's choice, see ``caffe_init_``). Biases are Caffe's either way.
     """
 
     def __init__(self, num_classes: int = 1000, width: float = 1.0, input_size: int = 227,
-                 dropout: float = 0.5, init_gain: float | None = None) -> None:
+                 dropout: float = 0.5, init_gain: float | None = None, init: str = "caffe") -> None:
+        if init not in INITS:
+            raise ConfigError(f"model.init={init!r} is not an initialisation; expected one of {INITS}")
         c = [max(2, int(round(n * width / 2)) * 2) for n in (96, 256, 384, 384, 256)]
         fc = max(1, int(round(4096 * width)))
         side = pool5_size(input_size)
@@ -111,6 +118,7 @@ class CaffeNet(nn.Sequential):
         super().__init__(layers)
         self.num_classes, self.width, self.input_size = num_classes, width, input_size
         self.init_gain = width**-0.5 if init_gain is None else init_gain
+        self.init = init
         caffe_init_(self, PARAM_LAYERS)
 
     @property
@@ -147,11 +155,18 @@ class CaffeNet(nn.Sequential):
 
 def caffe_init_(model: nn.Module, layers: Iterable[str]) -> None:
     """Re-initialise ``layers`` of ``model`` in place as Caffe's CaffeNet prototxt does
-    (weight std times ``model.init_gain`` for layers above conv1, see ``CaffeNet``)."""
+    (weight std times ``model.init_gain`` for layers above conv1, see ``CaffeNet``), or, with
+    ``model.init == "kaiming"``, with std ``sqrt(2 / fan_in)`` (He et al. 2015) for conv2-fc7: a
+    narrow net's signals then keep their scale through the ReLUs from the first step. conv1 and
+    fc8 keep Caffe's std 0.01 in both: inputs are in 0-255 pixel units (a Kaiming conv1 would
+    make every activation ~60x larger and training diverge), and fc8 starts near uniform."""
     gain = getattr(model, "init_gain", 1.0)
+    kaiming = getattr(model, "init", "caffe") == "kaiming"
     for name in layers:
         module = getattr(model, name)
         with torch.no_grad():
             std = _WEIGHT_STD.get(name, 0.01) * (1.0 if name == "conv1" else gain)
+            if kaiming and name not in ("conv1", "fc8"):
+                std = math.sqrt(2.0 / (module.weight[0].numel()))
             module.weight.normal_(0.0, std)
             module.bias.fill_(_BIAS_INIT[name])
