@@ -237,7 +237,8 @@ def test_baselines_section_puts_the_control_next_to_random() -> None:
                          for layer, ap in aps.items()]}
 
     res = Results(tables={
-        "pretrained": {"probe_cls": probe({"pool5": 0.6, "relu7": 0.55}), "probe_gtbox": probe({"pool5": 0.8})},
+        "pretrained": {"probe_cls": probe({"pool5": 0.6, "relu7": 0.55}),
+                       "probe_gtbox": probe({"pool5": 0.8})},
         "random": {"probe_cls": probe({"pool5": 0.3, "relu7": 0.2})},
         "control": {"lowlevel_control": {"rows": [
             {"task": "cls", "features": "colour", "class": "mAP", "ap": 0.14},
