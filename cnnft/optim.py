@@ -15,14 +15,17 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float,
                  lr_mult: Mapping[str, float] | None = None) -> list[dict]:
     """One group per trainable weight and bias: weights ``lr*m``, biases ``2*lr*m`` and no decay,
     where ``m = lr_mult.get(layer, 1)`` (Caffe's lr_mult 1/2, decay_mult 1/0). Each group
-    records its multiplier as ``lr_mult``, so the base rate is ``group["lr"] / group["lr_mult"]``."""
+    records its multiplier as ``lr_mult``, so the base rate is ``group["lr"] / group["lr_mult"]``.
+    A model's ``weight_lr_scale`` (``CaffeNet.weight_lr_scale``: layer -> s) further multiplies
+    that layer's weight rate by ``s`` and divides its weight decay by ``s``."""
     lr_mult = dict(lr_mult or {})
+    scale = dict(getattr(model, "weight_lr_scale", {}))
     groups = []
     for name in PARAM_LAYERS:
-        layer, m = getattr(model, name), lr_mult.get(name, 1.0)
+        layer, m, s = getattr(model, name), lr_mult.get(name, 1.0), scale.get(name, 1.0)
         if layer.weight.requires_grad:
-            groups.append({"name": f"{name}.weight", "params": [layer.weight], "lr": lr * m,
-                           "lr_mult": m, "weight_decay": weight_decay})
+            groups.append({"name": f"{name}.weight", "params": [layer.weight], "lr": lr * m * s,
+                           "lr_mult": m * s, "weight_decay": weight_decay / s})
         if layer.bias.requires_grad:
             groups.append({"name": f"{name}.bias", "params": [layer.bias], "lr": 2 * lr * m,
                            "lr_mult": 2 * m, "weight_decay": 0.0})

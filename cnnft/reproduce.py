@@ -91,7 +91,7 @@ from cnnft.train import CONF_DIR
 log = logging.getLogger(__name__)
 
 STAGES = ("pretrain", "finetune_all", "finetune_fc", "fifty_fifty", "analyze", "report")
-NETWORKS = ("pretrained", "finetune_all", "finetune_fc", "fifty_fifty", "random")
+NETWORKS = ("pretrained", "finetune_all", "finetune_fc", "fifty_fifty", "random", "control")
 #: The overrides that make each training stage what it is (they win over forwarded ones).
 TRAIN_STAGES = {
     "pretrain": ["stage=pretrain"],
@@ -251,7 +251,7 @@ class Pipeline:
 
     # ------------------------------------------------------------ analyses
     def network_checkpoint(self, network: str) -> str:
-        if network == "random":
+        if network in ("random", "control"):  # control: the low-level baseline reads no weights
             return "random"
         if network == "pretrained" and self.cfg.pretrained:
             return self.as_cnnft_checkpoint(str(self.cfg.pretrained))
@@ -327,7 +327,7 @@ class Pipeline:
             if spec is None:
                 continue
             extra = spec.get("overrides") or {}
-            needs = {"pretrained": ("pretrain",), "random": ()}.get(network, (network,))
+            needs = {"pretrained": ("pretrain",), "random": (), "control": ()}.get(network, (network,))
             units += [self.analysis_unit(f"analyze/{network}/{analysis}", self.root / "analyze" / network,
                                          analysis, lambda n=network: self.network_checkpoint(n),
                                          list(extra.get(analysis, [])), needs)

@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from cnnft.errors import ConfigError
-from cnnft.models.caffenet import PARAM_LAYERS, PROBE_LAYERS, CaffeNet, CrossChannelLRN, pool5_size
+from cnnft.models.caffenet import (
+    INPUT_STD,
+    PARAM_LAYERS,
+    PROBE_LAYERS,
+    CaffeNet,
+    CrossChannelLRN,
+    pool5_size,
+)
 
 ORDER = [
     "conv1", "relu1", "pool1", "norm1",
@@ -243,3 +250,23 @@ def test_lrn_matches_torch_local_response_norm(channels_last: bool) -> None:
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-6, atol=1e-6)
     assert float((a - x).abs().max()) > 1.0  # the normalisation does something at this scale
+
+
+def test_kaiming_init_gives_unit_scale_signals_and_zero_biases() -> None:
+    torch.manual_seed(0)
+    net = CaffeNet(20, width=0.25, input_size=163, init="kaiming").eval()
+    x = torch.randn(16, 3, 163, 163) * INPUT_STD  # mean-subtracted 0-255 pixels
+    taps = net.forward_taps(x, ["conv1", "conv3", "conv5", "fc6", "fc7", "fc8"])
+    stds = {name: float(t.std()) for name, t in taps.items()}
+    # O(1) at every depth (max pooling raises it a little), not shrinking or blowing up
+    assert all(0.5 < stds[n] < 8.0 for n in ("conv1", "conv3", "conv5", "fc6", "fc7")), stds
+    assert stds["fc8"] < 0.2, stds  # logits ~0: the first loss is ~ln(classes)
+    assert all(float(getattr(net, n).bias.abs().max()) == 0.0 for n in PARAM_LAYERS)
+    caffe = CaffeNet(20, width=0.25, input_size=163)  # the default: Caffe's, biases 1 included
+    assert float(caffe.conv2.bias[0]) == 1.0 and caffe.weight_lr_scale == {}
+    assert net.weight_lr_scale == {"conv1": INPUT_STD**-2}
+
+
+def test_unknown_init_raises() -> None:
+    with pytest.raises(ConfigError, match=r"model.init='xavier'.*\('caffe', 'kaiming'\)"):
+        CaffeNet(5, width=0.125, input_size=67, init="xavier")

@@ -7,7 +7,7 @@ import torch
 
 from cnnft.errors import ConfigError
 from cnnft.freeze import FreezeScheme, apply_freeze, frozen_modules
-from cnnft.models.caffenet import PARAM_LAYERS, CaffeNet
+from cnnft.models.caffenet import INPUT_STD, PARAM_LAYERS, CaffeNet
 from cnnft.optim import caffe_sgd, param_groups
 
 
@@ -38,6 +38,18 @@ def test_param_groups_lr_and_decay_multipliers() -> None:
     # every trainable parameter is in exactly one group
     ids = [id(p) for g in groups.values() for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+
+
+def test_kaiming_conv1_weights_learn_as_on_unit_scale_inputs() -> None:
+    torch.manual_seed(0)
+    model = CaffeNet(6, width=0.125, input_size=67, init="kaiming")
+    groups = _by_name(param_groups(model, lr=0.01, weight_decay=5e-4, lr_mult={"fc8": 10}))
+    w = groups["conv1.weight"]
+    assert w["lr"] == pytest.approx(0.01 / INPUT_STD**2) and w["lr_mult"] == pytest.approx(INPUT_STD**-2)
+    assert w["weight_decay"] == pytest.approx(5e-4 * INPUT_STD**2)  # per-step decay lr * wd, as others
+    assert groups["conv1.bias"]["lr"] == pytest.approx(0.02)  # the bias is not in pixel units
+    assert groups["conv2.weight"]["lr"] == pytest.approx(0.01)
+    assert groups["fc8.weight"]["lr"] == pytest.approx(0.1)
 
 
 def test_frozen_layers_leave_the_optimizer() -> None:

@@ -246,3 +246,27 @@ def test_figure4_and_table6_name_the_unit_count_task_that_ran(tmp_path: Path, ta
     res = load_results([tmp_path])
     assert unit_count_task(res) == title
     assert table6(res).title.endswith(f"ours: {title})")
+
+
+def test_baselines_section_puts_the_control_next_to_random() -> None:
+    from cnnft.report.build import baselines_md
+    from cnnft.report.load import Results
+
+    def probe(aps: dict[str, float]) -> dict:
+        return {"rows": [{"layer": layer, "ablation": "unroll", "class": "mAP", "ap": ap}
+                         for layer, ap in aps.items()]}
+
+    res = Results(tables={
+        "pretrained": {"probe_cls": probe({"pool5": 0.6, "relu7": 0.55}),
+                       "probe_gtbox": probe({"pool5": 0.8})},
+        "random": {"probe_cls": probe({"pool5": 0.3, "relu7": 0.2})},
+        "control": {"lowlevel_control": {"rows": [
+            {"task": "cls", "features": "colour", "class": "mAP", "ap": 0.14},
+            {"task": "gtbox", "features": "colour", "class": "mAP", "ap": 0.078},
+            {"task": "gtbox", "features": "gradient", "class": "aero", "ap": 0.9}]}}})
+    md = baselines_md(res)
+    assert "| alex-net | 60.0 | 55.0 | 80.0 | n/a |" in md
+    assert "| random init | 30.0 | 20.0 | n/a | n/a |" in md
+    assert "| low-level control: colour histograms | 14.0 | 14.0 | 7.8 | 7.8 |" in md
+    assert "| low-level control: gradient histograms | n/a | n/a | n/a | n/a |" in md
+    assert baselines_md(Results()) == ""

@@ -31,7 +31,7 @@ def repro_cfg(root: Path, *overrides: str) -> DictConfig:
 
 
 #: what `analyses: null` runs on each network (reproduce.yaml's exclude_analyses left out)
-PER_NETWORK = [name for name in discover_analyses() if name != "snapshot_eval"]
+PER_NETWORK = [name for name in discover_analyses() if name not in ("snapshot_eval", "lowlevel_control")]
 
 def test_overrides_go_to_the_configs_that_have_them() -> None:
     given = ["trainer.devices=2", "progress=false", "root=x", "data.voc_root=/v", "stages=[pretrain]",
@@ -135,7 +135,7 @@ class Fakes:
                    out / "checkpoints" / "last.ckpt")
         if cfg.stage.name == "pretrain":
             (out / "snapshots").mkdir(exist_ok=True)
-            for it in (10, 100):
+            for it in (10, 100, 200):
                 torch.save({"conv1.weight": torch.randn(4, 3, 3, 3)},
                            out / "snapshots" / f"iter_{it:07d}.ckpt")
         return {"val/top1": 0.5}, {}
@@ -172,7 +172,7 @@ def test_stages_run_in_order_then_skip_then_resume(fakes: Fakes, tmp_path: Path)
     assert calls["finetune_all"]["pretrained"] == str(root / "pretrain" / "checkpoints" / "last.ckpt")
     assert (calls["finetune_all"]["freeze"], calls["finetune_fc"]["freeze"]) == ("all", "fc")
     # the 50-50 network: the snapshot at recipe.fifty_fifty.pretrain_iteration, fine-tuned that long
-    assert calls["fifty_fifty"]["pretrained"] == str(root / "pretrain" / "snapshots" / "iter_0000100.ckpt")
+    assert calls["fifty_fifty"]["pretrained"] == str(root / "pretrain" / "snapshots" / "iter_0000200.ckpt")
     assert calls["fifty_fifty"]["steps"] == 100
     analysed = set(fakes.analyze_calls)
     for net in ("pretrained", "finetune_all", "finetune_fc", "fifty_fifty", "random"):
@@ -204,8 +204,8 @@ def test_stages_select_and_analyses_are_config(fakes: Fakes, tmp_path: Path) -> 
                         "~networks.finetune_all", "~networks.finetune_fc", "~networks.fifty_fifty",
                         "networks.random.analyses=[probe_gtbox]", "snapshots.iterations=[100]"))
     assert [c["dir"] for c in fakes.train_calls] == ["pretrain"]
-    assert sorted(fakes.analyze_calls) == [("iter_0000100", "probe_cls"), ("pretrained", "probe_cls"),
-                                           ("random", "probe_gtbox")]
+    assert sorted(fakes.analyze_calls) == [("control", "lowlevel_control"), ("iter_0000100", "probe_cls"),
+                                           ("pretrained", "probe_cls"), ("random", "probe_gtbox")]
 
 
 def test_failures_are_recorded_and_the_rest_goes_on(fakes: Fakes, tmp_path: Path) -> None:

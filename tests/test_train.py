@@ -59,7 +59,8 @@ def test_finetune_fc_freezes_and_reinitialises(tiny_cfg, pretrained: Path, tmp_p
             assert torch.equal(before[f"{layer}.{p}"], after[f"{layer}.{p}"]), f"{layer} changed"
     for layer in ("fc6", "fc7"):
         assert not torch.equal(before[f"{layer}.weight"], after[f"{layer}.weight"])
-        assert torch.all(after[f"{layer}.bias"] != before[f"{layer}.bias"])
+        # not every bias: with the demo's zero-bias init a unit inactive all run keeps bias 0
+        assert not torch.equal(after[f"{layer}.bias"], before[f"{layer}.bias"])
     assert after["fc8.weight"].shape[0] == 21
     assert not objs["module"].net.conv3.training and objs["module"].net.fc6.training
     assert "val/top1" in metrics

@@ -29,6 +29,13 @@ PARAM_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"
 _BIAS_INIT = {"conv1": 0.0, "conv2": 1.0, "conv3": 0.0, "conv4": 1.0, "conv5": 1.0,
               "fc6": 1.0, "fc7": 1.0, "fc8": 0.0}
 _WEIGHT_STD = {"fc6": 0.005, "fc7": 0.005}
+#: Weight initialisations ``CaffeNet(init=...)`` knows.
+INITS = ("caffe", "kaiming")
+#: Std of a mean-subtracted input pixel in Caffe's 0-255 units (ImageNet's channels: ~58-64; the
+#: demo images' about the same): ``init="kaiming"`` divides conv1's std by it.
+INPUT_STD = 60.0
+#: ``init="kaiming"``: fc8's std, so that the initial logits are ~0 and the loss ln(classes).
+_KAIMING_FC8_STD = 0.001
 
 
 def _conv_out(size: int, kernel: int, stride: int = 1, pad: int = 0) -> int:
@@ -84,10 +91,15 @@ class CaffeNet(nn.Sequential):
             the width (all but conv1). ``None``: ``1/sqrt(width)``, which keeps the activation
             scale of the full network in a narrow one (exactly Caffe's init at width 1); without
             it a 1/4-width net starts with 2x smaller signals per layer and stalls.
+        init: ``"caffe"`` (the paper's: Gaussian std 0.01, fc6/fc7 0.005, times ``init_gain``;
+            Caffe's biases) or ``"kaiming"`` (unit-scale signals at every layer, zero biases; the
+            demo scale's choice, see ``caffe_init_``).
     """
 
     def __init__(self, num_classes: int = 1000, width: float = 1.0, input_size: int = 227,
-                 dropout: float = 0.5, init_gain: float | None = None) -> None:
+                 dropout: float = 0.5, init_gain: float | None = None, init: str = "caffe") -> None:
+        if init not in INITS:
+            raise ConfigError(f"model.init={init!r} is not an initialisation; expected one of {INITS}")
         c = [max(2, int(round(n * width / 2)) * 2) for n in (96, 256, 384, 384, 256)]
         fc = max(1, int(round(4096 * width)))
         side = pool5_size(input_size)
@@ -111,7 +123,18 @@ class CaffeNet(nn.Sequential):
         super().__init__(layers)
         self.num_classes, self.width, self.input_size = num_classes, width, input_size
         self.init_gain = width**-0.5 if init_gain is None else init_gain
+        self.init = init
         caffe_init_(self, PARAM_LAYERS)
+
+    @property
+    def weight_lr_scale(self) -> dict[str, float]:
+        """Factor on a layer's weight learning rate (divisor of its weight decay) that the
+        initialisation asks for: ``init="kaiming"`` gives conv1 ``1/INPUT_STD**2``. Its weights are
+        ``INPUT_STD`` times smaller than those of a net on unit-variance inputs and get gradients
+        ``INPUT_STD`` times larger; so scaled, SGD on conv1 is exactly SGD on inputs divided by
+        ``INPUT_STD`` (without it, conv1's update is ~1000x its weights at lr 0.01 and the
+        loss diverges). ``init="caffe"``: none (Caffe's solver)."""
+        return {"conv1": INPUT_STD**-2} if self.init == "kaiming" else {}
 
     @property
     def layer_names(self) -> list[str]:
@@ -145,13 +168,31 @@ class CaffeNet(nn.Sequential):
         return out
 
 
+def _kaiming_std(name: str, module: nn.Module) -> float:
+    """He et al. (2015) std ``sqrt(2 / fan_in)``, over ``INPUT_STD`` for conv1 (its inputs are
+    0-255 pixels, not unit-variance), Caffe's small std for fc8."""
+    if name == "fc8":
+        return _KAIMING_FC8_STD
+    std = math.sqrt(2.0 / module.weight[0].numel())  # fan-in of one output (groups included)
+    return std / INPUT_STD if name == "conv1" else std
+
+
 def caffe_init_(model: nn.Module, layers: Iterable[str]) -> None:
     """Re-initialise ``layers`` of ``model`` in place as Caffe's CaffeNet prototxt does
-    (weight std times ``model.init_gain`` for layers above conv1, see ``CaffeNet``)."""
+    (weight std times ``model.init_gain`` for layers above conv1, see ``CaffeNet``; Caffe's
+    biases), or, with ``model.init == "kaiming"``, so that every layer's output starts with unit
+    scale: std ``sqrt(2 / fan_in)`` for conv2-fc7, the same divided by ``INPUT_STD`` for conv1,
+    0.001 for fc8 (initial loss ln(classes)), all biases 0 (Caffe's bias 1 would dominate unit-scale
+    pre-activations). See ``_kaiming_std``."""
     gain = getattr(model, "init_gain", 1.0)
+    kaiming = getattr(model, "init", "caffe") == "kaiming"
     for name in layers:
         module = getattr(model, name)
         with torch.no_grad():
-            std = _WEIGHT_STD.get(name, 0.01) * (1.0 if name == "conv1" else gain)
+            if kaiming:
+                std, bias = _kaiming_std(name, module), 0.0
+            else:
+                std = _WEIGHT_STD.get(name, 0.01) * (1.0 if name == "conv1" else gain)
+                bias = _BIAS_INIT[name]
             module.weight.normal_(0.0, std)
-            module.bias.fill_(_BIAS_INIT[name])
+            module.bias.fill_(bias)

@@ -95,6 +95,30 @@ def write_table_csv(table: Table, folder: Path) -> Path:
     return atomic_write(folder / f"{table.key}.csv", lambda tmp: tmp.write_text(buf.getvalue()))
 
 
+def baselines_md(res: Results) -> str:
+    """Pretrained vs random network vs the low-level control (mAP %): image and GT-box
+    classification at pool5 and relu7; the control's row holds its colour + gradient SVMs."""
+    control = {(r.get("task"), r.get("features")): 100.0 * float(r["ap"])
+               for r in res.rows("control", "lowlevel_control") if r.get("class") == "mAP"}
+    if not control and not res.has("random", "probe_cls"):
+        return ""
+
+    def cell(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.1f}"
+
+    rows = [[NETWORK_TITLE[net], *(cell(res.ap(a, net, layer)) for a in ("probe_cls", "probe_gtbox")
+                                   for layer in ("pool5", "relu7"))] for net in ("pretrained", "random")]
+    for feats in ("colour", "gradient", "colour+gradient"):
+        value = [cell(control.get((task, feats))) for task in ("cls", "gtbox")]
+        rows.append([f"{NETWORK_TITLE['control']}: {feats} histograms", *(v for v in value for _ in "ab")])
+    header = ["network", "image cls pool5", "image cls relu7", "GT-box pool5", "GT-box relu7"]
+    return "\n".join(["## Baselines: what pretraining adds", "",
+                      "The pretrained network against a random one and against linear SVMs on colour "
+                      "and gradient-orientation histograms of the pixels (`lowlevel_control`; one "
+                      "value per task, repeated under both layers). mAP %, VOC07 test.", "",
+                      _md_table(header, rows), ""])
+
+
 def status_md(res: Results, missing: list[tuple[str, str]]) -> str:
     lines = ["## What this report is missing", ""]
     if missing:
@@ -233,7 +257,8 @@ def build_report(dirs: Sequence[str | Path], out: str | Path, *, wandb: bool = F
     missing = missing_results(res, tables)
     for t in tables:
         write_table_csv(t, out / "tables")
-    parts = [header_md(res), claims_md(claims), "## Tables", "", *(table_md(t) for t in tables),
+    parts = [header_md(res), claims_md(claims), baselines_md(res), "## Tables", "",
+             *(table_md(t) for t in tables),
              figures_md(res, out), networks_md(res), status_md(res, missing)]
     text = "\n".join(parts)
     md = atomic_write(out / "report.md", lambda tmp: tmp.write_text(text))

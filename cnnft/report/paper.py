@@ -15,9 +15,10 @@ PAPER_LAYER = {"pool1": "pool-1", "pool2": "pool-2", "relu3": "relu-3", "relu4":
 PAPER_LAYER_CONV = {**PAPER_LAYER, "relu3": "conv-3", "relu4": "conv-4"}
 
 #: Our network names and the paper's.
-NETWORKS = ("pretrained", "finetune_all", "finetune_fc", "fifty_fifty", "random")
+NETWORKS = ("pretrained", "finetune_all", "finetune_fc", "fifty_fifty", "random", "control")
 NETWORK_TITLE = {"pretrained": "alex-net", "finetune_all": "all-tune (FT)", "finetune_fc": "fc-tune",
-                 "fifty_fifty": "50-50", "random": "random init"}
+                 "fifty_fifty": "50-50", "random": "random init",
+                 "control": "low-level control"}
 #: Names a run directory may carry for each network (``cnnft-report DIR``).
 NETWORK_ALIASES = {
     "pretrained": ("pretrained", "pretrain", "alexnet", "alex-net", "an"),
@@ -25,6 +26,7 @@ NETWORK_ALIASES = {
     "finetune_fc": ("finetune_fc", "fc", "fc_tune", "fc-tune", "fc-ft"),
     "fifty_fifty": ("fifty_fifty", "50-50", "50_50"),
     "random": ("random",),
+    "control": ("control", "lowlevel", "lowlevel_control"),
 }
 
 #: The paper's short class names (table headers).
