@@ -25,7 +25,8 @@ from cnnft.checkpoint import load_pretrained, read_checkpoint
 from cnnft.cli import command, require
 from cnnft.data.transforms import resolve_mean
 from cnnft.errors import CheckpointError
-from cnnft.features import FeatureCache, file_digest, model_digest
+from cnnft.features import FeatureCache
+from cnnft.hashing import file_digest, model_digest
 from cnnft.models.caffenet import CaffeNet
 from cnnft.task import task_wrapper
 from cnnft.train import CONF_DIR, build, build_loggers, prepare_demo_data

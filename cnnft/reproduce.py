@@ -57,8 +57,8 @@ from cnnft.callbacks import snapshot_name
 from cnnft.checkpoint import model_state, pretrained_state, read_checkpoint
 from cnnft.cli import command
 from cnnft.errors import CheckpointError, ConfigError
-from cnnft.features import file_digest, model_digest
-from cnnft.io import files_fingerprint, stable_hash, write_json
+from cnnft.hashing import file_digest, files_fingerprint, model_digest, stable_hash
+from cnnft.io import write_json
 from cnnft.train import CONF_DIR
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,6 @@ output bytes depend only on the :class:`DemoSpec`, not on scheduling.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
 import json
@@ -32,6 +31,7 @@ from tqdm import tqdm
 
 from cnnft.data.voc import VOC_CLASSES
 from cnnft.errors import ConfigError, DataError
+from cnnft.hashing import stable_hash
 
 GENERATOR_VERSION = 2
 MANIFEST = "demo.json"
@@ -164,8 +164,7 @@ def _make_plan(spec: DemoSpec) -> _Plan:
 
 def spec_hash(spec: DemoSpec) -> str:
     """Hash of the spec and the generator version; identical hashes mean identical data."""
-    text = json.dumps({"version": GENERATOR_VERSION, "spec": asdict(spec)}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return stable_hash({"version": GENERATOR_VERSION, "spec": asdict(spec)}, length=64)
 
 
 def _describe(combo: Combo) -> str:
