@@ -56,7 +56,7 @@ def load_network(spec: str, cfg: DictConfig) -> tuple[CaffeNet, dict[str, Any], 
     model_cfg: dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)  # type: ignore[assignment]
     if spec == "random":
         torch.manual_seed(cfg.seed)
-        net = CaffeNet(1000 if cfg.scale.name == "paper" else 21, width=model_cfg["width"],
+        net = CaffeNet(cfg.scale.random_classes, width=model_cfg["width"],
                        input_size=model_cfg["input_size"])
         return net, model_cfg, "random:" + model_digest(net), 0
     ckpt = read_checkpoint(spec)
