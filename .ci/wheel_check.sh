@@ -5,6 +5,8 @@
 # that only the installed package (its configs in cnnft/conf, the analyses plugins) is used.
 #
 #   .ci/wheel_check.sh [WORKDIR]     (default: a new temporary directory; PY=python3.11 to choose)
+#   REUSE_VENV=1 .ci/wheel_check.sh WORKDIR    by hand: keep WORKDIR's venv (torch and the
+#                                    dependencies) from an earlier check, reinstall only cnnft
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PY:-python3}
@@ -15,19 +17,27 @@ unset PYTHONPATH
 began=$SECONDS
 step() { echo "== wheel_check [$((SECONDS - began)) s] $*"; }
 
-step "clean copy of the tree and a fresh venv in $WORK"
-rm -rf "$WORK/src" "$WORK/dist" "$WORK/venv" "$WORK/run"
+step "clean copy of the tree in $WORK"
+rm -rf "$WORK/src" "$WORK/dist" "$WORK/run"
 mkdir -p "$WORK/src" "$WORK/run"
 cp -r "$REPO/pyproject.toml" "$REPO/README.md" "$REPO/cnnft" "$REPO/analyses" "$REPO/conf" "$WORK/src/"
 find "$WORK/src" -name __pycache__ -prune -exec rm -rf {} +
-"$PY" -m venv "$WORK/venv"
 BIN=$WORK/venv/bin
-"$BIN/pip" install -q --upgrade pip
-step "torch first, pinned as in the Makefile"
-"$BIN/pip" install -q torch==2.14.1 torchvision==0.29.1
+if [ "${REUSE_VENV:-0}" = 1 ] && [ -x "$BIN/cnnft-train" ]; then
+    step "reusing $WORK/venv"
+    reinstall=(--force-reinstall --no-deps)
+else
+    step "a fresh venv"
+    rm -rf "$WORK/venv"
+    "$PY" -m venv "$WORK/venv"
+    "$BIN/pip" install -q --upgrade pip
+    step "torch first, pinned as in the Makefile"
+    "$BIN/pip" install -q torch==2.14.1 torchvision==0.29.1
+    reinstall=()
+fi
 step "build the wheel and install it"
 "$BIN/pip" wheel -q --no-deps -w "$WORK/dist" "$WORK/src"
-"$BIN/pip" install -q "$WORK"/dist/cnnft-*.whl
+"$BIN/pip" install -q "${reinstall[@]}" "$WORK"/dist/cnnft-*.whl
 rm -rf "$WORK/src"   # nothing but the installed package from here on
 
 cd "$WORK/run"
