@@ -59,7 +59,8 @@ class Detection(Analysis):
 
     def __init__(self, *, layers: Sequence[str] = ("pool5", "relu6", "relu7"),
                  ablations: Mapping[str, Ablation] | None = None, svm: Mapping[str, Any] | None = None,
-                 mining: Mapping[str, Any] | None = None, proposals: Mapping[str, Any] | None = None,
+                 mining: Mapping[str, Any] | None = None,
+                 proposals: ProposalSource | Mapping[str, Any] | None = None,
                  max_proposals: int = 2000, train_split: str = "trainval", test_split: str = "test",
                  top_k: int = 100, max_per_set: int | str | None = "rcnn",
                  nms_iou: float = 0.3, match_iou: float = 0.5, ap_mode: str = "voc07",
@@ -73,7 +74,8 @@ class Detection(Analysis):
         self.norm_sample_images = int(mining.pop("norm_sample_images", norm_sample_images))
         svm_cfg = SVMConfig.from_mapping(svm, "analyses.detection.svm", base=RCNN_SVM)  # conf/svm/rcnn.yaml
         self.mining = MiningConfig(svm=svm_cfg, **mining)
-        source = ProposalSource.from_config(proposals)  # conf/proposals
+        # conf/proposals, built by its _target_ in conf/analyses/detection.yaml (or a mapping of it)
+        source = proposals if isinstance(proposals, ProposalSource) else ProposalSource.from_config(proposals)
         self.proposal_cache = source.cache_dir
         self.compute_missing, self.proposal_workers = source.compute_missing, source.workers
         self.proposal_settings = source.settings

@@ -147,7 +147,7 @@ class Analysis(L.Callback):
         step = trainer.global_step
         due = self.last_step != step
         if trainer.is_global_zero:
-            from cnnft.features import model_digest
+            from cnnft.hashing import model_digest
 
             ctx = AnalysisContext.from_config(
                 pl_module.run_config, Path(pl_module.run_config["paths"]["output_dir"]),

@@ -25,7 +25,8 @@ from cnnft.checkpoint import load_pretrained, read_checkpoint
 from cnnft.cli import command, require
 from cnnft.data.transforms import resolve_mean
 from cnnft.errors import CheckpointError
-from cnnft.features import FeatureCache, file_digest, model_digest
+from cnnft.features import FeatureCache
+from cnnft.hashing import file_digest, model_digest
 from cnnft.models.caffenet import CaffeNet
 from cnnft.task import task_wrapper
 from cnnft.train import CONF_DIR, build, build_loggers, prepare_demo_data
@@ -55,7 +56,7 @@ def load_network(spec: str, cfg: DictConfig) -> tuple[CaffeNet, dict[str, Any], 
     model_cfg: dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)  # type: ignore[assignment]
     if spec == "random":
         torch.manual_seed(cfg.seed)
-        net = CaffeNet(1000 if cfg.scale.name == "paper" else 21, width=model_cfg["width"],
+        net = CaffeNet(cfg.scale.random_classes, width=model_cfg["width"],
                        input_size=model_cfg["input_size"], init=model_cfg.get("init", "caffe"))
         return net, model_cfg, "random:" + model_digest(net), 0
     ckpt = read_checkpoint(spec)

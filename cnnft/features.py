@@ -12,7 +12,6 @@ temporary folder and renamed, and a cache whose checksum does not match is recom
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,7 +28,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from cnnft.io import stable_hash
+# model_digest: imported from here before cnnft.hashing existed
+from cnnft.hashing import file_digest, layer_digests, model_digest, stable_hash  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -106,42 +106,6 @@ def _gather(out: dict[str, torch.Tensor], indices: list[int], total: int) -> dic
 
 
 # --------------------------------------------------------------------------- cache
-
-
-def file_digest(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def layer_digests(model: nn.Module) -> dict[str, str]:
-    """For each sub-layer of a sequential net, a SHA-256 of that layer and every layer before it
-    (their definitions, parameters and buffers). A layer's features (in eval mode) depend on
-    these alone, so networks that share their first layers, e.g. fine-tuned with conv1-5 frozen,
-    share the cached features of those layers."""
-    h = hashlib.sha256()
-    out = {}
-    for name, module in getattr(model, "net", model).named_children():
-        h.update(f"{name}={module!r}".encode())
-        for key, tensor in sorted(module.state_dict().items()):
-            h.update(key.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        out[name] = h.hexdigest()  # of everything so far; h goes on
-    return out
-
-
-def model_digest(model: nn.Module | Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 of a model's parameters and buffers, or of a state dict (e.g. a checkpoint's
-    :func:`cnnft.checkpoint.model_state`: the same digest as the network loaded from it)."""
-    state = model if isinstance(model, Mapping) else getattr(model, "net", model).state_dict()
-    h = hashlib.sha256()
-    for name, tensor in sorted(state.items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 class FeatureCache:

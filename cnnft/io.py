@@ -1,8 +1,7 @@
-"""Small file helpers: atomic writes and content hashes."""
+"""Small file helpers: atomic writes (content hashes: :mod:`cnnft.hashing`)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -10,6 +9,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+# imported from here before cnnft.hashing existed
+from cnnft.hashing import files_fingerprint, stable_hash  # noqa: F401
 
 
 @contextmanager
@@ -38,18 +40,3 @@ def write_json(path: str | os.PathLike[str], data: Any) -> Path:
     """Write ``data`` as indented JSON, atomically."""
     text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def stable_hash(obj: Any, length: int = 16) -> str:
-    """Short hex digest of a JSON-serialisable object (key order does not matter)."""
-    text = json.dumps(obj, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
-
-
-def files_fingerprint(paths: list[str | os.PathLike[str]]) -> str:
-    """Hash of the paths, sizes and modification times of files: changes when any is rewritten."""
-    stats = []
-    for p in paths:
-        st = os.stat(p)
-        stats.append((str(p), st.st_size, st.st_mtime_ns))
-    return stable_hash(stats)

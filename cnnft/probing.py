@@ -28,7 +28,7 @@ from cnnft.data.transforms import mean_key
 from cnnft.data.voc import VOC_CLASSES, load_voc, read_class_labels
 from cnnft.errors import DataError
 from cnnft.features import extract_cached
-from cnnft.io import files_fingerprint
+from cnnft.hashing import files_fingerprint
 from cnnft.metrics import mean_average_precision
 from cnnft.models.caffenet import PROBE_LAYERS
 from cnnft.svm import SolveLabel, SVMConfig, fit_probe

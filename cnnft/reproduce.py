@@ -66,7 +66,8 @@ from cnnft.callbacks import snapshot_name
 from cnnft.checkpoint import read_checkpoint, wrap_state_dict
 from cnnft.cli import HINTS, command, missing_values
 from cnnft.errors import CheckpointError, ConfigError
-from cnnft.io import atomic_write, stable_hash
+from cnnft.hashing import stable_hash
+from cnnft.io import atomic_write
 from cnnft.reproduce_state import (
     ROOT,
     Digests,
@@ -101,7 +102,7 @@ TRAIN_STAGES = {
 }
 #: Keys of conf/reproduce.yaml that belong to this command and are never forwarded.
 OWN_KEYS = {"root", "stages", "pretrained", "train_overrides", "analyze_overrides", "networks",
-            "exclude_analyses", "snapshots", "report", "stage", "hydra"}
+            "exclude_analyses", "snapshots", "report", "hydra"}
 
 
 # ---------------------------------------------------------------- overrides

@@ -37,7 +37,7 @@ FAILURES = ".failed"
 #: Config keys left out of an analysis marker's key: the checkpoint path and the output
 #: directory (where the root lives; the checkpoint counts by its weights digest) and what
 #: changes how a job runs, not what it computes.
-UNKEYED = ("checkpoint", "paths.output_dir", "run_name", "job_num", "tags", "progress", "logger",
+UNKEYED = ("checkpoint", "paths.output_dir", "run_name", "run_group", "job_num", "tags", "progress", "logger",
            "data.num_workers")
 ROOT = "<root>"
 

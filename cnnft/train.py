@@ -29,8 +29,18 @@ from cnnft.task import task_wrapper
 
 log = logging.getLogger(__name__)
 
-#: The Hydra configs (absolute, so console scripts and ``python -m`` find the same folder).
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+def conf_dir() -> str:
+    """The Hydra configs: ``cnnft/conf`` in an installed wheel (``pyproject.toml`` maps the
+    repository's ``conf/`` there), else ``conf/`` beside the source tree (a checkout, an editable
+    install). Absolute, so console scripts and ``python -m`` find the same folder."""
+    package = Path(__file__).resolve().parent
+    inside = package / "conf"
+    return str(inside if (inside / "train.yaml").is_file() else package.parent / "conf")
+
+
+#: The Hydra configs' folder (:func:`conf_dir`).
+CONF_DIR = conf_dir()
 
 #: Config keys that define a run: resuming into a directory whose run differs in any of them
 #: is refused.

@@ -22,6 +22,7 @@ from cnnft.data.proposals import (
 )
 from cnnft.data.voc import load_voc
 from cnnft.errors import ConfigError, CorruptImageError, DataError
+from cnnft.train import build
 
 
 @dataclass
@@ -173,7 +174,11 @@ def test_config_group_is_shared_by_finetuning_and_detection(tiny_cfg) -> None:
 
     cfg = tiny_cfg("stage=finetune", "analyses=[detection]", "proposals.max_boxes=50")
     ft = OmegaConf.to_container(cfg.datamodule.proposals, resolve=True)
-    assert ft == OmegaConf.to_container(cfg.analyses.detection.proposals, resolve=True)
+    assert ft == OmegaConf.to_container(cfg.analyses.detection.proposals.cfg, resolve=True)
+    source = build(cfg.analyses.detection.proposals)  # Hydra builds detection's ProposalSource
+    assert isinstance(source, ProposalSource) and source.settings.max_boxes == 50
+    assert (source.settings.ks, source.workers, source.cache_dir) == ((50, 100), 2,
+                                                                     Path(ft["cache_dir"]))
     assert (ft["source"], ft["ks"], ft["min_size"], ft["max_boxes"]) == ("selective_search", [50, 100],
                                                                           10, 50)
     assert cfg.datamodule.use_difficult is True

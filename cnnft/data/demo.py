@@ -32,7 +32,6 @@ Every image is seeded from (seed, split, index), so the output bytes depend only
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import multiprocessing
@@ -53,6 +52,7 @@ from tqdm import tqdm
 
 from cnnft.data.voc import VOC_CLASSES
 from cnnft.errors import ConfigError, DataError
+from cnnft.hashing import stable_hash
 
 GENERATOR_VERSION = 3
 MANIFEST = "demo.json"
@@ -212,8 +212,7 @@ def _make_plan(spec: DemoSpec) -> _Plan:
 
 def spec_hash(spec: DemoSpec) -> str:
     """Hash of the spec and the generator version; identical hashes mean identical data."""
-    text = json.dumps({"version": GENERATOR_VERSION, "spec": asdict(spec)}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return stable_hash({"version": GENERATOR_VERSION, "spec": asdict(spec)}, length=64)
 
 
 # ---------------------------------------------------------------- rendering

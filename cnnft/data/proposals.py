@@ -45,7 +45,8 @@ import numpy as np
 
 from cnnft.data.images import load_rgb
 from cnnft.errors import ConfigError, CorruptImageError, DataError
-from cnnft.io import atomic_path, files_fingerprint, stable_hash
+from cnnft.hashing import files_fingerprint, stable_hash
+from cnnft.io import atomic_path
 
 log = logging.getLogger(__name__)
 

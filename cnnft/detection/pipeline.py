@@ -45,7 +45,8 @@ from cnnft.detection.regions import (
     split_regions,
 )
 from cnnft.errors import DataError
-from cnnft.features import FeatureCache, layer_digests
+from cnnft.features import FeatureCache
+from cnnft.hashing import layer_digests
 from cnnft.svm import mean_norm_scale
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ from cnnft.data.voc import VOCImage
 from cnnft.data.windows import warp_boxes
 from cnnft.errors import ConfigError
 from cnnft.features import FeatureCache
-from cnnft.io import files_fingerprint
+from cnnft.hashing import files_and_arrays_digest
 
 log = logging.getLogger(__name__)
 
@@ -231,12 +231,7 @@ class RegionStore:
 
 def files_digest(regions: Regions) -> str:
     """Hash of the images' files and every window box (so other proposals select other shards)."""
-    from hashlib import sha256
-
-    h = sha256(files_fingerprint([im.path for im in regions.images]).encode())
-    for b in regions.boxes:
-        h.update(np.ascontiguousarray(b, np.float32).tobytes())
-    return h.hexdigest()[:24]
+    return files_and_arrays_digest([im.path for im in regions.images], regions.boxes)
 
 
 def default_cache(output_dir: Path) -> FeatureCache:
