@@ -98,7 +98,8 @@ class Detection(Analysis):
     def run(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, float]:
         rows = run_detection(model, layers=self.layers, ablations=self.ablations,
                              settings=self.settings(ctx), cache=ctx.cache,
-                             output_dir=ctx.output_dir, device=ctx.device, progress=ctx.progress)
+                             output_dir=ctx.output_dir, device=ctx.device, progress=ctx.progress,
+                             voc_images=ctx.voc_images)
         metrics = map_metrics(self.name, rows)
         write_table(ctx, self.name, rows, summary=metrics)
         save_figure(ctx, plot_per_class(rows, self.title), self.name)

@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 from torch import nn
 
 from cnnft.analysis import Analysis, AnalysisContext, write_table
-from cnnft.data.voc import load_voc
 from cnnft.lowlevel import box_features, image_features, probe_features
 from cnnft.probing import check_positives, gtbox_split, image_split
 from cnnft.svm import SVMConfig
@@ -33,7 +32,7 @@ def control_rows(ctx: AnalysisContext, svm: SVMConfig, *, train_split: str = "tr
         for split in (train_split, test_split):
             labelled = make_split(ctx, split)
             check_positives(labelled, ctx.voc_root)
-            images = load_voc(ctx.voc_root, split)
+            images = ctx.voc_images(split)  # the split's own images (skip_corrupt)
             x = image_features([im.path for im in images]) if features is None else features(images)
             data.append((x, labelled.labels, labelled.ignore))
         (xtr, ytr, itr), (xte, yte, ite) = data

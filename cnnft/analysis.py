@@ -37,7 +37,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from cnnft.data.images import undecodable
 from cnnft.data.transforms import Mean, resolve_mean
+from cnnft.data.voc import VOCImage, load_voc
 from cnnft.features import FeatureCache
 from cnnft.io import atomic_write, write_json
 
@@ -64,6 +66,9 @@ class AnalysisContext:
     device: str = "cpu"
     progress: bool = True
     checkpoint: Path | None = None  # the analysed checkpoint file (cnnft-analyze), if any
+    skip_corrupt: bool = False  # data.skip_corrupt: leave undecodable VOC images out (voc_images)
+    #: split -> ids of the images ``voc_images`` left out; ``write_table`` counts them (skip_corrupt)
+    skipped: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], output_dir: Path, model_key: str, **extra: Any
@@ -75,7 +80,30 @@ class AnalysisContext:
                    mean=resolve_mean(model["mean"], model.get("mean_image")), resize=model.get("resize"),
                    imagenet_root=Path(data["imagenet_root"]) if data.get("imagenet_root") else None,
                    cache=FeatureCache(Path(paths["cache_dir"]) / "features"),
-                   num_workers=data.get("num_workers", 0), **extra)
+                   num_workers=data.get("num_workers", 0),
+                   skip_corrupt=bool(data.get("skip_corrupt", False)), **extra)
+
+    def voc_images(self, split: str) -> list[VOCImage]:
+        """The annotated images of VOC ``split`` that every analysis reads (probes, unit analyses,
+        detection): all of them, or with ``skip_corrupt`` those that decode, the others named in a
+        warning and recorded in ``skipped`` (their count goes into each results JSON).
+
+        Without ``skip_corrupt`` nothing is checked here (no extra decode at paper scale): the
+        first read of a broken file raises ``CorruptImageError`` naming it. With it, every image
+        is decoded once up front (threads, memoised per process: ``undecodable``) instead of being
+        dropped while features are extracted: features, their cache keys, labels, proposals and
+        region windows are then all built from this one list, so no row can shift against its
+        label, and a cached feature file never depends on which images failed in which run.
+        """
+        images = load_voc(self.voc_root, split)
+        if not self.skip_corrupt:
+            return images
+        bad = undecodable([im.path for im in images], workers=max(4, self.num_workers))
+        self.skipped[split] = [im.image_id for im in images if im.path in bad]
+        if bad:
+            log.warning("%s: leaving out %d corrupt image(s) of split %r (data.skip_corrupt=true): %s",
+                        self.voc_root, len(bad), split, "; ".join(bad.values()))
+        return [im for im in images if im.path not in bad]
 
 
 class Analysis(L.Callback):
@@ -170,10 +198,15 @@ class Analysis(L.Callback):
 def write_table(ctx: AnalysisContext, name: str, rows: Sequence[dict[str, Any]],
                 summary: dict[str, Any] | None = None) -> Path:
     """``results/<name>.json`` (rows + summary) and ``results/<name>.csv`` (rows), plus a W&B
-    table when a W&B logger is attached. Returns the JSON path."""
+    table when a W&B logger is attached. Returns the JSON path. With ``skip_corrupt`` the summary
+    also holds ``skipped_images`` (count) and ``skipped_image_ids`` (per split) of ``ctx.skipped``."""
     results = ctx.output_dir / "results"
+    summary = dict(summary or {})
+    if ctx.skipped:  # skip_corrupt, and VOC images were read: what was left out, per split
+        summary["skipped_images"] = sum(len(ids) for ids in ctx.skipped.values())
+        summary["skipped_image_ids"] = {split: list(ids) for split, ids in ctx.skipped.items()}
     payload = {"analysis": name, "step": ctx.step, "model": ctx.model_key,
-               "summary": summary or {}, "rows": list(rows)}
+               "summary": summary, "rows": list(rows)}
     path = write_json(results / f"{name}.json", payload)
     columns = list(dict.fromkeys(k for row in rows for k in row))
     buf = io.StringIO()

@@ -95,11 +95,13 @@ def analyze(cfg: DictConfig) -> dict[str, dict[str, float]]:
             cache=FeatureCache(Path(cfg.paths.cache_dir) / "features"),
             loggers=loggers, step=ckpt_step if ckpt_step is not None else step,
             batch_size=cfg.batch_size, num_workers=cfg.data.num_workers, device=device,
-            progress=cfg.progress, checkpoint=None if spec == "random" else Path(spec))
+            progress=cfg.progress, checkpoint=None if spec == "random" else Path(spec),
+            skip_corrupt=bool(cfg.data.get("skip_corrupt", False)))
         metrics: dict[str, float] = {}
         for analysis in analyses:
             log.info("%s on %s", analysis.name, spec)
-            metrics.update(analysis.run(net, ctx))
+            # a fresh record of skipped images: each results JSON counts those its analysis read
+            metrics.update(analysis.run(net, dataclasses.replace(ctx, skipped={})))
         for logger in loggers:
             logger.log_metrics(metrics, step=ctx.step)
         results[spec] = metrics

@@ -13,6 +13,7 @@ one-vs-rest SVMs on trainval and returns per-class test AP as rows
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -25,8 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from cnnft.analysis import Analysis, AnalysisContext, save_figure, write_table
 from cnnft.data.datasets import WholeImageDataset, WindowDataset, collate_skipping
 from cnnft.data.transforms import mean_key
-from cnnft.data.voc import VOC_CLASSES, load_voc, read_class_labels
-from cnnft.errors import DataError
+from cnnft.data.voc import VOC_CLASSES, read_class_labels
+from cnnft.errors import CorruptImageError, DataError
 from cnnft.features import extract_cached
 from cnnft.hashing import files_fingerprint
 from cnnft.metrics import mean_average_precision
@@ -49,12 +50,16 @@ class ProbeSplit:
 
 
 def image_split(ctx: AnalysisContext, split: str, *, center_crop: bool = False) -> ProbeSplit:
-    """Whole VOC images with the devkit's image-level labels (1 positive, 0 difficult-only)."""
-    images = load_voc(ctx.voc_root, split)
+    """Whole VOC images with the devkit's image-level labels (1 positive, 0 difficult-only); the
+    label rows follow ``ctx.voc_images`` (corrupt images left out with ``skip_corrupt``)."""
+    images = ctx.voc_images(split)
     ids, table = read_class_labels(ctx.voc_root, split)
-    if ids != [im.image_id for im in images]:
-        raise DataError(f"{ctx.voc_root}: the class files of split {split!r} list other images "
-                        f"than ImageSets/Main/{split}.txt")
+    row = {image_id: r for r, image_id in enumerate(ids)}
+    missing = [im.image_id for im in images if im.image_id not in row]
+    if missing:
+        raise DataError(f"{ctx.voc_root}: the class files of split {split!r} do not list image(s) "
+                        f"{missing[:5]} of ImageSets/Main/{split}.txt")
+    table = table[[row[im.image_id] for im in images]]
     resize = ctx.resize if center_crop else None
     dataset = WholeImageDataset([im.path for im in images], crop=ctx.input_size, mean=ctx.mean,
                                 resize=resize)
@@ -64,8 +69,9 @@ def image_split(ctx: AnalysisContext, split: str, *, center_crop: bool = False) 
 
 
 def gtbox_split(ctx: AnalysisContext, split: str) -> ProbeSplit:
-    """Every ground-truth box of a split, cropped with context and warped; one class each."""
-    images = load_voc(ctx.voc_root, split)
+    """Every ground-truth box of a split's ``ctx.voc_images``, cropped with context and warped;
+    one class each."""
+    images = ctx.voc_images(split)
     index = np.concatenate([np.full(len(im.labels), i) for i, im in enumerate(images)])
     boxes = np.concatenate([im.boxes for im in images])
     classes = np.concatenate([im.labels for im in images])
@@ -91,11 +97,19 @@ def check_positives(split: ProbeSplit, root: object) -> None:
 
 def layer_features(model: nn.Module, split: ProbeSplit, layers: Sequence[str],
                    ctx: AnalysisContext) -> dict[str, torch.Tensor]:
+    """Features of every item of ``split``, one row per label row: the datasets never skip (corrupt
+    images are left out before, by ``ctx.voc_images``), so a broken file raises CorruptImageError
+    with its name first (a DataLoader worker's traceback would otherwise bury it)."""
     loader = DataLoader(split.dataset, batch_size=ctx.batch_size, num_workers=ctx.num_workers,
                         collate_fn=collate_skipping)
     key = {"data": f"{ctx.voc_root}:{split.name}", "files": split.fingerprint, "transform": split.transform}
-    return extract_cached(model, loader, layers, cache=ctx.cache, key_parts=key,
-                          progress=ctx.progress, desc=f"features {split.transform['kind']}/{split.name}")
+    try:
+        return extract_cached(model, loader, layers, cache=ctx.cache, key_parts=key,
+                              progress=ctx.progress, desc=f"features {split.transform['kind']}/{split.name}")
+    except CorruptImageError as e:
+        found = re.findall(r"cannot decode image [^\n]*", str(e))
+        raise CorruptImageError(f"{found[-1] if found else e} (VOC split {split.name!r}); "
+                                "data.skip_corrupt=true leaves such images out") from e
 
 
 def applies(ablation: Ablation, features: torch.Tensor) -> bool:

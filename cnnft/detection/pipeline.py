@@ -182,8 +182,12 @@ def evaluate(test: RegionStore, feats: Callable[[torch.Tensor], torch.Tensor], d
 
 def run_detection(model: nn.Module, *, layers: Sequence[str], ablations: Mapping[str, Ablation],
                   settings: DetectionSettings, cache: FeatureCache | None,
-                  output_dir: Path, device: str = "cpu", progress: bool = True) -> list[dict[str, Any]]:
-    """Detection AP per class for every layer and ablation (see the module doc)."""
+                  output_dir: Path, device: str = "cpu", progress: bool = True,
+                  voc_images: Callable[[str], list[VOCImage]] | None = None) -> list[dict[str, Any]]:
+    """Detection AP per class for every layer and ablation (see the module doc). ``voc_images``
+    gives a split's images (default: all of ``load_voc``; the analysis passes
+    ``AnalysisContext.voc_images``, which leaves corrupt ones out with ``data.skip_corrupt``):
+    selective search, region features and the test ground truth all use that list."""
     s = settings
     net = getattr(model, "net", model)
     layers = check_detection_layers(net, layers)
@@ -192,7 +196,7 @@ def run_detection(model: nn.Module, *, layers: Sequence[str], ablations: Mapping
     splits = {}
     for split, gt, purpose in ((s.train_split, True, "to train its detector (positives)"),
                                (s.test_split, False, "for its test AP")):
-        images = load_voc(s.voc_root, split)
+        images = voc_images(split) if voc_images else load_voc(s.voc_root, split)
         check_classes(images, split, s.voc_root, purpose)
         images = as_training_windows(images) if gt else images
         regions = split_regions(images, split, cache_dir=s.proposal_cache, settings=s.proposals,
