@@ -137,7 +137,9 @@ def test_every_layer_above_chance_and_solvers_agree(snapshot_run: Path, data_dir
     assert len(seen) == len(layers)
     svm = SVMConfig(tol=1e-6)
     for layer, (x, y, ignore) in zip(layers, seen, strict=True):
-        assert maps[f"probe_cls/{layer}/mAP"] > chance + 0.15, (layer, maps, chance)
+        # + 0.08: demo data v3 keeps the class out of colour and texture, so a 6-step net's features
+        # carry less of it than they did when each class had its own colour (that test used + 0.15)
+        assert maps[f"probe_cls/{layer}/mAP"] > chance + 0.08, (layer, maps, chance)
         x = normalize_features(x.double(), "l2")
         xb = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1).numpy()
         for c in (0.001, 0.1, 10.0):
