@@ -305,7 +305,7 @@ def test_tiny_pipeline_end_to_end_with_a_killed_stage(data_dir: Path, tmp_path: 
 SMALL = [NO_REPORT, "networks.pretrained.analyses=[probe_cls,probe_gtbox]",
          *(f"networks.{n}.analyses=[probe_cls]"
            for n in ("finetune_all", "finetune_fc", "fifty_fifty", "random")),
-         "snapshots.iterations=[10,100]"]
+         "snapshots.iterations=[10,100]", "~networks.control"]
 
 
 @pytest.fixture(scope="module")
@@ -367,7 +367,7 @@ def test_touched_checkpoints_run_nothing(fakes: Fakes, reads: list[str], finishe
                                          tmp_path: Path) -> None:
     copy = copy_root(finished, tmp_path / "copy")
     checkpoints = sorted(copy.rglob("*.ckpt"))
-    assert len(checkpoints) == 6  # four last.ckpt, two snapshots
+    assert len(checkpoints) == 7  # four last.ckpt, three snapshots (10, 100 and the 50-50 network's 200)
     for path in checkpoints:
         os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**10))
     reproduce(repro_cfg(copy, *SMALL))
@@ -431,7 +431,7 @@ def test_old_markers_are_adopted_when_their_file_is_unchanged(fakes: Fakes, fini
 
 def test_reproduce_json_keeps_every_call_and_unit(fakes: Fakes, tmp_path: Path) -> None:
     root = tmp_path / "root"
-    nets = ["~networks.finetune_all", "~networks.finetune_fc", "~networks.fifty_fifty",
+    nets = ["~networks.finetune_all", "~networks.finetune_fc", "~networks.fifty_fifty", "~networks.control",
             "networks.pretrained.analyses=[probe_cls]", "networks.random.analyses=[probe_cls]",
             "snapshots.iterations=[100]"]
     reproduce(repro_cfg(root, "stages=[pretrain]", *nets), ["seed=3"])
