@@ -7,7 +7,8 @@ the report puts it next to the random network.
 
 Logged keys: ``lowlevel_control/<task>/<features>/mAP`` for task ``cls`` (whole images) and
 ``gtbox`` (ground-truth boxes), features ``colour``, ``gradient``, ``colour+gradient``.
-Files: ``results/lowlevel_control.json|csv`` (rows ``{task, features, class, ap, c}``).
+Files: ``results/lowlevel_control.json|csv`` (rows ``{task, features, class, ap, c}``) and
+``figures/lowlevel_control.png`` (mAP bars by task, one colour per feature set).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from cnnft.analysis import Analysis, AnalysisContext, write_table
+from cnnft.analysis import Analysis, AnalysisContext, save_figure, write_table
 from cnnft.lowlevel import box_features, image_features, probe_features
-from cnnft.probing import check_positives, gtbox_split, image_split
+from cnnft.probing import check_positives, gtbox_split, image_split, plot_map_by_layer
 from cnnft.svm import SVMConfig
 
 
@@ -59,6 +60,9 @@ class LowlevelControl(Analysis):
         metrics = {f"{self.name}/{r['task']}/{r['features']}/mAP": r["ap"]
                    for r in rows if r["class"] == "mAP"}
         write_table(ctx, self.name, rows, summary=metrics)
+        bars = [{**r, "layer": r["task"], "ablation": r["features"]} for r in rows]  # task x features
+        save_figure(ctx, plot_map_by_layer(bars, "low-level control: VOC07 mAP by task and features"),
+                    self.name)
         return metrics
 
 
