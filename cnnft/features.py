@@ -28,8 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-# model_digest: imported from here before cnnft.hashing existed
-from cnnft.hashing import file_digest, layer_digests, model_digest, stable_hash  # noqa: F401
+from cnnft.hashing import file_digest, layer_digests, stable_hash
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-# imported from here before cnnft.hashing existed
-from cnnft.hashing import files_fingerprint, stable_hash  # noqa: F401
-
 
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:

@@ -26,8 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnft.checkpoint import model_state, read_checkpoint
 from cnnft.errors import CheckpointError
-from cnnft.features import file_digest, model_digest
-from cnnft.io import files_fingerprint, stable_hash, write_json
+from cnnft.hashing import file_digest, files_fingerprint, model_digest, stable_hash
+from cnnft.io import write_json
 from cnnft.train import CONF_DIR
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def config_key(cfg: DictConfig, spellings: Sequence[str]) -> str:
 
 
 class Digests:
-    """Weights digests of checkpoint files (:func:`cnnft.features.model_digest` of the network's
+    """Weights digests of checkpoint files (:func:`cnnft.hashing.model_digest` of the network's
     state dict: the same for a file copied, touched or re-saved with equal weights), kept in
     ``<root>/.done/digests.json`` by ``<root>/``-relative path with each file's size and mtime.
     A file is read again only when its size or mtime differs from the remembered ones."""

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from cnnft.features import FeatureCache, extract, extract_cached, layer_digests, merge_shards
+from cnnft.features import FeatureCache, extract, extract_cached, merge_shards
+from cnnft.hashing import layer_digests
 from cnnft.models import PROBE_LAYERS, CaffeNet
 
 
