@@ -31,6 +31,7 @@ from torch import nn
 
 from cnnft.analysis import Analysis, AnalysisContext, save_figure, write_table
 from cnnft.errors import ConfigError
+from cnnft.models.tapped import submodule
 from cnnft.plotting import filter_grid, pyplot, read_metrics_csv, show_filter_grid
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,11 @@ class FilterViz(Analysis):
 
     def run(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, float]:
         net = getattr(model, "net", model)
-        module = getattr(net, self.layer, None)
+        module = submodule(net, self.layer)
         if not isinstance(module, nn.Conv2d):
             raise ConfigError(f"filter_viz layer={self.layer!r} is not a convolution of the network; "
-                              "expected conv1 (or another conv with 1 or 3 input channels)")
+                              "expected its first convolution (model.first_conv: conv1 in CaffeNet) "
+                              "or another conv with 1 or 3 input channels")
         iteration = int(ctx.step or 0)
         grid = filter_grid(module.weight, padding=self.padding)
         fig = plot_filter_grid(grid, f"{self.layer} filters, iteration {iteration}")

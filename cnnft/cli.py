@@ -27,7 +27,8 @@ from cnnft.errors import ConfigError
 HINTS = {
     "checkpoint": "checkpoint=PATH with a checkpoint file (e.g. outputs/pretrain/<run>/checkpoints/"
                   "last.ckpt), a directory of snapshots (outputs/pretrain/<run>/snapshots: every "
-                  "*.ckpt in it), or checkpoint=random (a randomly initialised network)",
+                  "*.ckpt in it), checkpoint=random (a randomly initialised network of model=), "
+                  "or checkpoint=weights (model=... with its state dict in model.weights)",
     "data.imagenet_root": "data.imagenet_root=/path/to/ILSVRC2012 (train/<wnid>/*.JPEG and "
                           "val/<wnid>/*.JPEG; scale=paper has no default data)",
     "data.voc_root": "data.voc_root=/path/to/VOCdevkit/VOC2007 (Annotations/, JPEGImages/, "

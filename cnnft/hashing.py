@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cnnft.models.tapped import TappedNet
+
 
 def stable_hash(obj: Any, length: int = 16) -> str:
     """Short hex SHA-256 of a JSON-serialisable object (key order does not matter; other
@@ -62,10 +64,16 @@ def layer_digests(model: nn.Module) -> dict[str, str]:
     """For each sub-layer of a sequential net, a SHA-256 of that layer and every layer before it
     (their definitions, parameters and buffers). A layer's features (in eval mode) depend on
     these alone, so networks that share their first layers, e.g. fine-tuned with conv1-5 frozen,
-    share the cached features of those layers."""
+    share the cached features of those layers. Any other network (``cnnft.models.TappedNet``):
+    every layer gets the digest of the whole network."""
+    net = getattr(model, "net", model)
+    if isinstance(net, TappedNet):  # any layer may read any parameter: the whole net keys each
+        h = hashlib.sha256(repr(net).encode())
+        _update(h, net.state_dict())
+        return dict.fromkeys(net.layer_names, h.hexdigest())
     h = hashlib.sha256()
     out = {}
-    for name, module in getattr(model, "net", model).named_children():
+    for name, module in net.named_children():
         h.update(f"{name}={module!r}".encode())
         _update(h, module.state_dict())
         out[name] = h.hexdigest()  # of everything so far; h goes on

@@ -13,6 +13,7 @@ one-vs-rest SVMs on trainval and returns per-class test AP as rows
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from cnnft.hashing import files_fingerprint
 from cnnft.metrics import mean_average_precision
 from cnnft.models.caffenet import PROBE_LAYERS
 from cnnft.svm import SolveLabel, SVMConfig, fit_probe
+
+log = logging.getLogger(__name__)
 
 Ablation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -134,6 +137,8 @@ def run_probes(model: nn.Module, train: ProbeSplit, test: ProbeSplit, *, layers:
     for layer in layers:
         for name, ablation in ablations.items():
             if not applies(ablation, train_x[layer]):
+                log.info("ablation %s needs [N, C, H, W] maps; layer %s gives %s per sample: skipped",
+                         name, layer, list(train_x[layer].shape[1:]))
                 continue
             xtr = ablation(train_x[layer]).flatten(1)
             xte = ablation(test_x[layer]).flatten(1)

@@ -40,6 +40,14 @@ FAILURES = ".failed"
 UNKEYED = ("checkpoint", "paths.output_dir", "run_name", "run_group", "job_num", "tags", "progress", "logger",
            "data.num_workers")
 ROOT = "<root>"
+#: Keys that came later with the value every job had before them (the ``model`` config group's
+#: CaffeNet keys): left out of the key while they hold that value, so that what was finished
+#: before they existed stays finished.
+INTRODUCED: dict[str, Any] = {
+    "model.family": "caffenet", "model.name": "caffenet", "model.input_std": None,
+    "model.weights": None, "model.first_conv": "conv1", "model.unit_layer": "pool5",
+    "model.probe_layers": ["pool1", "pool2", "relu3", "relu4", "pool5", "relu6", "relu7"],
+}
 
 
 def is_rank_zero() -> bool:
@@ -122,16 +130,17 @@ def unrooted(value: Any, spellings: Sequence[str]) -> Any:
 
 
 def config_key(cfg: DictConfig, spellings: Sequence[str]) -> str:
-    """Hash of a job's resolved config without the keys in :data:`UNKEYED`, paths under the
-    root written ``<root>/...``."""
+    """Hash of a job's resolved config without the keys in :data:`UNKEYED` (and those of
+    :data:`INTRODUCED` at their old value), paths under the root written ``<root>/...``."""
     data: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    for dotted in UNKEYED:
+    for dotted in (*UNKEYED, *INTRODUCED):
         *parents, last = dotted.split(".")
         node: Any = data
         for key in parents:
             node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(last, None)
+        if isinstance(node, dict) and last in node and (
+                dotted in UNKEYED or node[last] == INTRODUCED[dotted]):
+            node.pop(last)
     return stable_hash(unrooted(data, spellings), length=24)
 
 

@@ -25,6 +25,7 @@ from cnnft.cli import command, require
 from cnnft.data.demo import DemoSpec, generate_demo
 from cnnft.errors import CnnftError, ConfigError
 from cnnft.io import atomic_write
+from cnnft.models.build import family, model_label
 from cnnft.task import task_wrapper
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Run one stage; return the final metrics and the objects used."""
     output_dir = Path(cfg.paths.output_dir)
     require(cfg, "datamodule", *(["data.voc_root"] if cfg.get("analyses") else []))
+    if family(cfg.model) != "caffenet":
+        raise ConfigError(f"cnnft-train trains CaffeNet only so far; model={model_label(cfg.model)} "
+                          "can be analysed with cnnft-analyze (checkpoint=weights or checkpoint=random)")
     if cfg.stage.name == "finetune" and not cfg.pretrained:
         raise ConfigError("stage=finetune needs pretrained=PATH: a cnnft checkpoint (e.g. "
                           "outputs/pretrain/<run>/checkpoints/last.ckpt) or a CaffeNet state dict")

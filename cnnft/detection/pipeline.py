@@ -39,6 +39,7 @@ from cnnft.detection.regions import (
     CACHED_LAYER,
     Regions,
     RegionStore,
+    cached_layer,
     check_detection_layers,
     default_cache,
     layer_transform,
@@ -121,15 +122,15 @@ def as_training_windows(images: Sequence[VOCImage]) -> list[VOCImage]:
 
 
 def build_store(model: nn.Module, regions: Regions, s: DetectionSettings, *, cache: FeatureCache,
-                device: str, progress: bool) -> RegionStore:
-    """pool5 of every window, cached under the digest of the weights up to pool5 (networks that
-    differ only after it, e.g. fine-tuned with conv frozen, share the cache)."""
-    key = {"model": layer_digests(model)[CACHED_LAYER], "data": f"{s.voc_root}:{regions.split}",
+                device: str, progress: bool, layer: str = CACHED_LAYER) -> RegionStore:
+    """``layer`` (CaffeNet: pool5) of every window, cached under the digest of the weights up to
+    it (networks that differ only after it, e.g. fine-tuned with conv frozen, share the cache)."""
+    key = {"model": layer_digests(model)[layer], "data": f"{s.voc_root}:{regions.split}",
            "transform": {"kind": "region", "crop": s.crop, "pad": s.pad, "mean": mean_key(s.mean),
                          "proposals": asdict(s.proposals), "max_proposals": s.max_proposals,
                          "gt": "all, difficult included" if regions.num_gt != [0] * len(regions.num_gt)
                          else False}}
-    store = RegionStore(regions, cache, key, shard_images=s.shard_images)
+    store = RegionStore(regions, cache, key, shard_images=s.shard_images, layer=layer)
     return store.build(model, crop=s.crop, pad=s.pad, mean=s.mean, batch_size=s.batch_size,
                        device=device, progress=progress)
 
@@ -203,21 +204,23 @@ def run_detection(model: nn.Module, *, layers: Sequence[str], ablations: Mapping
                                 max_proposals=s.max_proposals, include_gt=gt,
                                 compute_missing=s.compute_missing, workers=s.proposal_workers,
                                 progress=progress)
-        splits[split] = build_store(model, regions, s, cache=cache,
-                                    device=device, progress=progress)
+        for source in dict.fromkeys(cached_layer(net, layer) for layer in layers):
+            splits[split, source] = build_store(model, regions, s, cache=cache, device=device,
+                                                progress=progress, layer=source)
     rows: list[dict[str, Any]] = []
     for layer in layers:
         for name, ablation in ablations.items():
             # the detection ablations (paper Table 5) are of pool5 (maps: every ablation applies);
-            # later layers run plain
+            # later layers run plain. Other networks: of every layer with maps (4-D features)
             plain = ablation is None or getattr(ablation, "func", ablation) is unroll
-            if layer != CACHED_LAYER and not plain:
+            source = cached_layer(net, layer)
+            if not plain and (layer != source or len(splits[s.train_split, source].shape or ()) != 3):
                 continue
             feats = _on(device, layer_transform(net, layer, ablation or unroll))
             stats = MiningStats()
             where = f"detection layer {layer}" + ("" if name == "unroll" else f" ablation {name}")
-            detectors = train_detectors(splits[s.train_split], feats, s, device, stats, where)
-            ap = evaluate(splits[s.test_split], feats, detectors, s)
+            detectors = train_detectors(splits[s.train_split, source], feats, s, device, stats, where)
+            ap = evaluate(splits[s.test_split, source], feats, detectors, s)
             rows += [{"layer": layer, "ablation": name, "class": cls, "ap": float(v)}
                      for cls, v in zip(VOC_CLASSES, ap, strict=True)]
             rows.append({"layer": layer, "ablation": name, "class": "mAP", "ap": float(ap.mean()),

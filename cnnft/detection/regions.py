@@ -37,11 +37,19 @@ from cnnft.data.windows import warp_boxes
 from cnnft.errors import ConfigError
 from cnnft.features import FeatureCache
 from cnnft.hashing import files_and_arrays_digest
+from cnnft.models.tapped import TappedNet
 
 log = logging.getLogger(__name__)
 
-#: the layer whose output is cached; every detection layer is computed from it
+#: CaffeNet's layer whose output is cached; every detection layer is computed from it
 CACHED_LAYER = "pool5"
+
+
+def cached_layer(net: nn.Module, layer: str) -> str:
+    """The layer whose region features are stored for detection with ``layer``: CaffeNet's pool5
+    (fc6/fc7 follow from it), or ``layer`` itself in any other network (``TappedNet``: its
+    layers need not follow one another)."""
+    return layer if isinstance(net, TappedNet) else CACHED_LAYER
 
 
 def clip_to_image(boxes: np.ndarray, width: int, height: int) -> tuple[np.ndarray, int, int]:
@@ -99,9 +107,12 @@ def split_regions(images: Sequence[VOCImage], split: str, *, cache_dir: str | Pa
 
 
 def check_detection_layers(net: nn.Module, layers: Sequence[str]) -> list[str]:
-    """The layers at or after pool5 (detection caches pool5 only); earlier ones are skipped with
-    a warning, unknown names raise ConfigError listing the valid ones."""
+    """CaffeNet: the layers at or after pool5 (detection caches pool5 only); earlier ones are
+    skipped with a warning. Any other network: every layer. Unknown names raise ConfigError
+    listing the valid ones."""
     names = net.check_layers(layers)
+    if isinstance(net, TappedNet):
+        return names
     order = net.layer_names
     first = order.index(CACHED_LAYER)
     keep = [n for n in names if order.index(n) >= first]
@@ -118,8 +129,10 @@ def check_detection_layers(net: nn.Module, layers: Sequence[str]) -> list[str]:
 def layer_transform(net: nn.Module, layer: str,
                     ablation: Callable[[torch.Tensor], torch.Tensor] = unroll
                     ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``pool5 [n, C, H, W] -> features [n, D]`` of ``layer`` (running the sub-layers after pool5,
-    in eval mode) followed by ``ablation``."""
+    """``cached [n, ...] -> features [n, D]`` of ``layer`` (CaffeNet: running the sub-layers after
+    pool5, in eval mode; other networks cache ``layer`` itself) followed by ``ablation``."""
+    if cached_layer(net, layer) == layer:
+        return lambda x: ablation(x).flatten(1)
     order = net.layer_names
     # dropout is the identity in eval mode: skipped, so the model's own mode is never touched
     tail = [net._modules[n] for n in order[order.index(CACHED_LAYER) + 1: order.index(layer) + 1]
@@ -143,11 +156,11 @@ class RegionStore:
     H, W] float32)``."""
 
     def __init__(self, regions: Regions, cache: FeatureCache, key_parts: dict[str, Any], *,
-                 shard_images: int = 64) -> None:
+                 shard_images: int = 64, layer: str = CACHED_LAYER) -> None:
         if shard_images < 1:
             raise ConfigError(f"detection shard_images={shard_images}; expected >= 1")
-        self.regions, self.cache, self.shard_images = regions, cache, shard_images
-        self.key_parts = {**key_parts, "layer": CACHED_LAYER, "shard_images": shard_images,
+        self.regions, self.cache, self.shard_images, self.layer = regions, cache, shard_images, layer
+        self.key_parts = {**key_parts, "layer": layer, "shard_images": shard_images,
                           "boxes": files_digest(regions)}
         self.shape: tuple[int, ...] | None = None
         self.offsets = regions.offsets
@@ -168,8 +181,8 @@ class RegionStore:
         was_training = net.training
         net.eval()
         with torch.inference_mode():
-            probe = net.forward_taps(torch.zeros(1, 3, crop, crop, device=device), [CACHED_LAYER])
-        self.shape = tuple(probe[CACHED_LAYER].shape[1:])
+            probe = net.forward_taps(torch.zeros(1, 3, crop, crop, device=device), [self.layer])
+        self.shape = tuple(probe[self.layer].shape[1:])
         dim = int(np.prod(self.shape))
         missing = [s for s in self._shards() if self.cache.open(self._key(s), verify=False) is None]
         todo = sum(min(self.shard_images, len(self.regions.images) - s) for s in missing)
@@ -203,7 +216,7 @@ class RegionStore:
             for s in range(0, len(boxes), batch_size):
                 windows = warp_boxes(image, boxes[s:s + batch_size].to(device), crop=crop, pad=pad,
                                      mean_image=mean_image)
-                feats = net.forward_taps(windows, [CACHED_LAYER])[CACHED_LAYER]
+                feats = net.forward_taps(windows, [self.layer])[self.layer]
                 out[row + s: row + s + len(windows)] = feats.flatten(1).half().cpu().numpy()
 
     def images(self, indices: Sequence[int] | None = None, *, rows: str = "all"
