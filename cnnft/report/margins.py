@@ -90,8 +90,8 @@ def margin_rows(res: Results, *, samples: int = SAMPLES, seed: int = SEED) -> li
     for analysis, title, control_task in TASKS:
         comparisons = [(layer, NETWORK_TITLE["random"], "random", f"{layer}/unroll") for layer in LAYERS]
         if control_task:
-            comparisons.append(("pool5", "control", "control", None))
-        for layer, label, network, key_b in comparisons:
+            comparisons.append(("pool5", f"{NETWORK_TITLE['control']}: strongest features", "control", None))
+        for layer, label, network, key_b in comparisons:  # label: replaced by the feature set found
             try:
                 a = _load(res, "pretrained", analysis)
                 if network == "control":
