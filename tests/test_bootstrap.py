@@ -291,3 +291,20 @@ def test_unpaired_score_files_are_named(margin_root: Path) -> None:
     rows = margin_rows(load_results([margin_root]), samples=20)
     row = next(r for r in rows if r["task"] == "image classification" and r["baseline"] == "random init")
     assert row["holds"] is None and row["note"] == "not paired: different test images (40 vs 40)"
+
+
+def test_build_report_writes_the_margins(margin_root: Path, tmp_path: Path) -> None:
+    from cnnft.report import build_report
+
+    md = build_report([margin_root], tmp_path / "report").read_text()
+    saved = json.loads((tmp_path / "report" / "tables" / "baseline_margins.json").read_text())
+    assert saved["samples"] == 1000 and saved["criterion"] == (
+        "margin >= 5 mAP points and the lower bound of the bootstrap 95% interval > 0")
+    held = [(r["task"], r["layer"], r["baseline"]) for r in saved["rows"] if r["holds"]]
+    assert held == [("image classification", "pool5", "random init"),
+                    ("image classification", "pool5", "low-level control: gradient histograms"),
+                    ("GT-box classification", "pool5", "random init"),
+                    ("GT-box classification", "pool5", "low-level control: gradient histograms")]
+    section = md[md.index("## Baselines: what pretraining adds"):md.index("## Tables")]
+    assert "over 1000 paired resamples of the test images" in section
+    assert section.count("| **yes** (") == 4 and section.count("| **no** (") == 2

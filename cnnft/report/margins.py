@@ -87,19 +87,26 @@ def margin_rows(res: Results, *, samples: int = SAMPLES, seed: int = SEED) -> li
     """The rows of the module doc (mAP and margins in points); a row whose score files are
     missing or do not pair has ``holds`` None and says why in ``note``."""
     rows: list[dict[str, Any]] = []
+    loaded: dict[tuple[str, ...], ProbeScores | DetectionScores] = {}
+
+    def load(network: str, analysis: str, prefix: str = "") -> ProbeScores | DetectionScores:
+        if (network, analysis, prefix) not in loaded:
+            loaded[network, analysis, prefix] = _load(res, network, analysis, prefix)
+        return loaded[network, analysis, prefix]
+
     for analysis, title, control_task in TASKS:
         comparisons = [(layer, NETWORK_TITLE["random"], "random", f"{layer}/unroll") for layer in LAYERS]
         if control_task:
             comparisons.append(("pool5", f"{NETWORK_TITLE['control']}: strongest features", "control", None))
         for layer, label, network, key_b in comparisons:  # label: replaced by the feature set found
             try:
-                a = _load(res, "pretrained", analysis)
+                a = load("pretrained", analysis)
                 if network == "control":
-                    b = _load(res, "control", "lowlevel_control", f"{control_task}/")
+                    b = load("control", "lowlevel_control", f"{control_task}/")
                     key_b = strongest(b)
                     label = f"{NETWORK_TITLE['control']}: {key_b} histograms"
                 else:
-                    b = _load(res, network, analysis)
+                    b = load(network, analysis)
                 rows.append(_row(title, layer, label, a, f"{layer}/unroll", b, key_b,
                                  samples=samples, seed=seed))
             except (LookupError, DataError, ValueError) as e:
