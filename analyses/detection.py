@@ -9,7 +9,8 @@ detection AP (``cnnft.detection``). Feature ablations
 ``detection/<layer>/<ablation>/mAP``. Files: ``results/detection.json|csv`` (rows: layer,
 ablation, class, ap; the mAP rows also carry the mining figures and ``unconverged_svms``) and
 ``figures/detection.png``
-(per-class AP bars, one series per layer/ablation).
+(per-class AP bars, one series per layer/ablation); ``results/detection_scores.npz``: the matched
+test detections of every detector (``cnnft.scores``), for the report's bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from cnnft.detection.evaluation import max_per_set_value
 from cnnft.detection.mining import RCNN_SVM, MiningConfig
 from cnnft.detection.pipeline import Ablation, DetectionSettings, run_detection
 from cnnft.probing import map_metrics
+from cnnft.scores import DetectionScores, save_arrays, scores_path
 from cnnft.svm import SVMConfig
 
 
@@ -96,11 +98,13 @@ class Detection(Analysis):
                                  **self.options)
 
     def run(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, float]:
+        scores = DetectionScores()
         rows = run_detection(model, layers=self.layers, ablations=self.ablations,
                              settings=self.settings(ctx), cache=ctx.cache,
                              output_dir=ctx.output_dir, device=ctx.device, progress=ctx.progress,
-                             voc_images=ctx.voc_images)
+                             voc_images=ctx.voc_images, scores=scores)
         metrics = map_metrics(self.name, rows)
         write_table(ctx, self.name, rows, summary=metrics)
+        save_arrays(scores_path(ctx.output_dir / "results", self.name), scores.arrays())
         save_figure(ctx, plot_per_class(rows, self.title), self.name)
         return metrics

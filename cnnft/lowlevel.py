@@ -85,16 +85,21 @@ def box_features(images: Sequence[VOCImage]) -> dict[str, np.ndarray]:
 
 def probe_features(train_x: dict[str, np.ndarray], train_labels: np.ndarray, train_ignore: np.ndarray | None,
                    test_x: dict[str, np.ndarray], test_labels: np.ndarray, test_ignore: np.ndarray, *,
-                   svm: SVMConfig, ap_mode: str = "voc07") -> list[dict[str, Any]]:
+                   svm: SVMConfig, ap_mode: str = "voc07",
+                   scores: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
     """Per-class test AP of one-vs-rest SVMs for each feature group; rows
-    ``{features, class, ap, c}`` with a ``class == "mAP"`` row per group (as ``run_probes``)."""
+    ``{features, class, ap, c}`` with a ``class == "mAP"`` row per group (as ``run_probes``).
+    ``scores``, when given, receives each group's test decision values ``[N, classes]``."""
     rows: list[dict[str, Any]] = []
     ignore = None if train_ignore is None else torch.from_numpy(train_ignore)
     for name in FEATURES:
         probe = fit_probe(torch.from_numpy(train_x[name]), torch.from_numpy(train_labels), cfg=svm,
                           ignore=ignore)
-        scores = probe.decision_function(torch.from_numpy(test_x[name]))
-        per_class, mean = mean_average_precision(scores, test_labels, difficult=test_ignore, mode=ap_mode)
+        test_scores = probe.decision_function(torch.from_numpy(test_x[name]))
+        per_class, mean = mean_average_precision(test_scores, test_labels, difficult=test_ignore,
+                                                 mode=ap_mode)
+        if scores is not None:
+            scores[name] = test_scores.detach().cpu().numpy().astype(np.float32)
         rows += [{"features": name, "class": cls, "ap": float(ap), "c": float(c)}
                  for cls, ap, c in zip(VOC_CLASSES, per_class, probe.c, strict=True)]
         rows.append({"features": name, "class": "mAP", "ap": float(mean), "c": None})

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -33,6 +33,7 @@ from cnnft.features import extract_cached
 from cnnft.hashing import files_fingerprint
 from cnnft.metrics import mean_average_precision
 from cnnft.models.caffenet import PROBE_LAYERS
+from cnnft.scores import ProbeScores, save_arrays, scores_path
 from cnnft.svm import SolveLabel, SVMConfig, fit_probe
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,14 @@ class ProbeSplit:
     ignore: np.ndarray
     transform: dict[str, Any]
     fingerprint: str = ""
+    #: the VOC images of the split and the image of each item (None: item i is image i)
+    image_ids: list[str] = field(default_factory=list)
+    image_index: np.ndarray | None = None
+
+    def probe_scores(self, scores: dict[str, np.ndarray] | None = None) -> ProbeScores:
+        """This split's items with probe ``scores`` on them (``cnnft.scores``)."""
+        index = np.arange(len(self.labels)) if self.image_index is None else self.image_index
+        return ProbeScores(self.image_ids, index, self.labels, self.ignore, dict(scores or {}))
 
 
 def image_split(ctx: AnalysisContext, split: str, *, center_crop: bool = False) -> ProbeSplit:
@@ -68,7 +77,7 @@ def image_split(ctx: AnalysisContext, split: str, *, center_crop: bool = False) 
                                 resize=resize)
     return ProbeSplit(split, dataset, table == 1, table == 0,
                       {"kind": "image", "crop": ctx.input_size, "resize": resize, "mean": mean_key(ctx.mean)},
-                      files_fingerprint([im.path for im in images]))
+                      files_fingerprint([im.path for im in images]), [im.image_id for im in images])
 
 
 def gtbox_split(ctx: AnalysisContext, split: str) -> ProbeSplit:
@@ -86,7 +95,7 @@ def gtbox_split(ctx: AnalysisContext, split: str) -> ProbeSplit:
     return ProbeSplit(split, dataset, labels, ignore,
                       {"kind": "gtbox", "crop": ctx.input_size, "pad": ctx.context_pad,
                        "mean": mean_key(ctx.mean)},
-                      files_fingerprint([im.path for im in images]))
+                      files_fingerprint([im.path for im in images]), [im.image_id for im in images], index)
 
 
 def check_positives(split: ProbeSplit, root: object) -> None:
@@ -125,8 +134,11 @@ def applies(ablation: Ablation, features: torch.Tensor) -> bool:
 
 def run_probes(model: nn.Module, train: ProbeSplit, test: ProbeSplit, *, layers: Sequence[str],
                ablations: Mapping[str, Ablation], svm: SVMConfig, ctx: AnalysisContext,
-               train_difficult: bool = False, ap_mode: str = "voc07") -> list[dict[str, Any]]:
-    """Per-class test AP of one-vs-rest SVMs for each layer and ablation (see module doc)."""
+               train_difficult: bool = False, ap_mode: str = "voc07",
+               scores: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+    """Per-class test AP of one-vs-rest SVMs for each layer and ablation (see module doc);
+    ``scores``, when given, receives each probe's test decision values ``[N, classes]`` under
+    ``<layer>/<ablation>``."""
     net = getattr(model, "net", model)
     layers = net.check_layers(layers)
     for split in (train, test):
@@ -146,9 +158,11 @@ def run_probes(model: nn.Module, train: ProbeSplit, test: ProbeSplit, *, layers:
             label = SolveLabel(f"probe {train.transform['kind']} layer {layer} ablation {name}", VOC_CLASSES)
             probe = fit_probe(xtr, torch.from_numpy(train.labels), cfg=svm, ignore=ignore, stats=solves,
                               label=label)
-            scores = probe.scores(xte)
-            per_class, mean = mean_average_precision(scores, test.labels, difficult=test.ignore,
+            test_scores = probe.scores(xte)
+            per_class, mean = mean_average_precision(test_scores, test.labels, difficult=test.ignore,
                                                      mode=ap_mode)
+            if scores is not None:
+                scores[f"{layer}/{name}"] = test_scores.detach().cpu().numpy().astype(np.float32)
             rows += [{"layer": layer, "ablation": name, "class": cls, "ap": float(ap),
                       "c": float(c)} for cls, ap, c in zip(VOC_CLASSES, per_class, probe.c, strict=True)]
             rows.append({"layer": layer, "ablation": name, "class": "mAP", "ap": mean, "c": None,
@@ -192,7 +206,9 @@ class ProbeAnalysis(Analysis):
 
     Logged keys: ``<name>/<layer>/mAP`` (plain features) and ``<name>/<layer>/<ablation>/mAP``.
     Files: ``results/<name>.json|csv`` (per layer, ablation, class: AP and chosen C; the mAP rows
-    carry ``unconverged_svms``, the SVM solves stopped at ``max_iter``) and
+    carry ``unconverged_svms``, the SVM solves stopped at ``max_iter``),
+    ``results/<name>_scores.npz`` (each probe's test decision values with the labels and the
+    image of each item: ``cnnft.scores``, for the report's bootstrap intervals) and
     ``figures/<name>.png`` (mAP by layer).
     """
 
@@ -215,10 +231,12 @@ class ProbeAnalysis(Analysis):
         raise NotImplementedError
 
     def run(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, float]:
-        rows = run_probes(model, self.split(ctx, self.train_split), self.split(ctx, self.test_split),
+        test, scores = self.split(ctx, self.test_split), {}
+        rows = run_probes(model, self.split(ctx, self.train_split), test,
                           layers=self.layers, ablations=self.ablations, svm=self.svm, ctx=ctx,
-                          train_difficult=self.train_difficult, ap_mode=self.ap_mode)
+                          train_difficult=self.train_difficult, ap_mode=self.ap_mode, scores=scores)
         metrics = map_metrics(self.name, rows)
         write_table(ctx, self.name, rows, summary=metrics)
+        save_arrays(scores_path(ctx.output_dir / "results", self.name), test.probe_scores(scores).arrays())
         save_figure(ctx, plot_map_by_layer(rows, self.title), self.name)
         return metrics

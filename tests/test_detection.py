@@ -31,6 +31,7 @@ from cnnft.errors import ConfigError, DataError
 from cnnft.svm import SVMConfig
 from cnnft.train import train
 from tests.conftest import TINY_DATA, TINY_RUN, compose_cfg
+from tests.test_bootstrap import assert_scores_match_results
 
 A = [0.0, 0.0, 10.0, 10.0]
 B = [20.0, 20.0, 30.0, 30.0]
@@ -293,6 +294,7 @@ def test_analyze_detection_writes_results(fifty_fifty: Path, data_dir: Path, tmp
     assert metrics["detection/pool5/spatial_max/mAP"] == pytest.approx(means[("pool5", "spatial_max")])
     assert (tmp_path / "results" / "detection.csv").read_text().startswith("layer,ablation,class,ap")
     assert (tmp_path / "figures" / "detection.png").stat().st_size > 1000
+    assert_scores_match_results(tmp_path / "results", "detection")
     # a second run reads the cached pool5 shards and gives the same numbers
     again = analyze(compose_cfg([*TINY_ANALYZE, f"checkpoint={ckpt}", "analyses=[detection]",
                                  "layers=[pool5]"], tmp_path / "again", data_dir, name="analyze"))

@@ -13,6 +13,7 @@ from cnnft.analyze import analyze
 from cnnft.errors import CheckpointError, ConfigError
 from cnnft.train import train
 from tests.conftest import TINY_DATA, TINY_RUN, compose_cfg
+from tests.test_bootstrap import assert_scores_match_results
 
 TINY_ANALYZE = [*TINY_DATA, "model.width=0.125", "model.input_size=67", "model.resize=76",
                 "model.context_pad=5", "data.num_workers=0", "logger=csv", "progress=false",
@@ -52,6 +53,7 @@ def test_analyze_probe_cls_and_gtbox(snapshot_run: Path, data_dir: Path, tmp_pat
         assert f"{name}/pool5/spatial_max/mAP" in metrics
         assert (tmp_path / "results" / f"{name}.csv").read_text().startswith("layer,ablation,class,ap")
         assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 1000
+        assert_scores_match_results(tmp_path / "results", name)
 
 
 def test_analyze_directory_of_snapshots_and_random(snapshot_run: Path, data_dir: Path,

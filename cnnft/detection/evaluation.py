@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -65,6 +66,63 @@ def match_detections(boxes: np.ndarray, scores: np.ndarray, gt_boxes: np.ndarray
     return tp, ignored
 
 
+@dataclass
+class MatchedDetections:
+    """One class's detections over a set of images after devkit matching: ``scores``, ``tp`` flag
+    and ``image`` index of each detection that is not ignored, and ``positives`` per image (its
+    non-difficult objects of the class)."""
+
+    scores: np.ndarray
+    tp: np.ndarray
+    image: np.ndarray
+    positives: np.ndarray
+
+
+def match_class(detections: Sequence[Boxes], ground_truth: Sequence[Boxes], *,
+                iou: float = 0.5) -> MatchedDetections:
+    """Match one class's detections with its objects image by image (``match_detections``);
+    arguments as :func:`detection_average_precision`."""
+    if len(detections) != len(ground_truth):
+        raise ValueError(f"detections cover {len(detections)} images but ground_truth "
+                         f"{len(ground_truth)}; expected one entry per image in both")
+    scores, hits, keep, image, positives = [], [], [], [], []
+    for (boxes, sc), (gt, difficult) in zip(detections, ground_truth, strict=True):
+        boxes, sc = _np(boxes, np.float64).reshape(-1, 4), _np(sc, np.float64).reshape(-1)
+        gt, difficult = _np(gt, np.float64).reshape(-1, 4), _np(difficult, bool).reshape(-1)
+        if len(boxes) != len(sc) or len(gt) != len(difficult):
+            raise ValueError(f"image {len(scores)}: {len(boxes)} boxes with {len(sc)} scores, "
+                             f"{len(gt)} ground-truth boxes with {len(difficult)} difficult flags")
+        positives.append(int((~difficult).sum()))
+        tp, ignored = match_detections(boxes, sc, gt, difficult, iou=iou)
+        image.append(np.full(len(sc), len(scores)))
+        scores.append(sc)
+        hits.append(tp)
+        keep.append(~ignored)
+    kept = np.concatenate(keep) if keep else np.zeros(0, bool)
+
+    def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+        return np.concatenate(parts)[kept] if parts else np.zeros(0, dtype)
+
+    return MatchedDetections(cat(scores, np.float64), cat(hits, bool), cat(image, np.int64),
+                             np.asarray(positives, dtype=np.int64))
+
+
+def matched_average_precision(matched: MatchedDetections, *, mode: str = "voc07") -> float:
+    """VOC detection AP of matched detections (see :func:`detection_average_precision`)."""
+    npos = int(matched.positives.sum())
+    if npos == 0:
+        raise ValueError("no non-difficult ground-truth box of the class in any image; "
+                         "detection AP is undefined")
+    s, y = matched.scores, matched.tp
+    if np.isnan(s).any():
+        raise ValueError("detection scores contain NaN; cannot rank them")
+    if not y.any():
+        return 0.0
+    precision, recall = precision_recall(s, y)
+    true_positives = np.rint(recall * y.sum())  # exact counts, so k / npos compares exactly
+    return interpolated_ap(precision, true_positives / npos, mode=mode)
+
+
 def detection_average_precision(detections: Sequence[Boxes], ground_truth: Sequence[Boxes], *,
                                 iou: float = 0.5, mode: str = "voc07") -> float:
     """VOC detection AP of one class over a set of images.
@@ -78,33 +136,7 @@ def detection_average_precision(detections: Sequence[Boxes], ground_truth: Seque
     Returns the AP in [0, 1]; 0 when nothing is detected. Raises ValueError when the class has
     no non-difficult ground-truth box (AP undefined) or the lists differ in length.
     """
-    if len(detections) != len(ground_truth):
-        raise ValueError(f"detections cover {len(detections)} images but ground_truth "
-                         f"{len(ground_truth)}; expected one entry per image in both")
-    scores, hits, keep = [], [], []
-    npos = 0
-    for (boxes, sc), (gt, difficult) in zip(detections, ground_truth, strict=True):
-        boxes, sc = _np(boxes, np.float64).reshape(-1, 4), _np(sc, np.float64).reshape(-1)
-        gt, difficult = _np(gt, np.float64).reshape(-1, 4), _np(difficult, bool).reshape(-1)
-        if len(boxes) != len(sc) or len(gt) != len(difficult):
-            raise ValueError(f"image {len(scores)}: {len(boxes)} boxes with {len(sc)} scores, "
-                             f"{len(gt)} ground-truth boxes with {len(difficult)} difficult flags")
-        npos += int((~difficult).sum())
-        tp, ignored = match_detections(boxes, sc, gt, difficult, iou=iou)
-        scores.append(sc)
-        hits.append(tp)
-        keep.append(~ignored)
-    if npos == 0:
-        raise ValueError("no non-difficult ground-truth box of the class in any image; "
-                         "detection AP is undefined")
-    s, y = np.concatenate(scores)[np.concatenate(keep)], np.concatenate(hits)[np.concatenate(keep)]
-    if np.isnan(s).any():
-        raise ValueError("detection scores contain NaN; cannot rank them")
-    if not y.any():
-        return 0.0
-    precision, recall = precision_recall(s, y)
-    true_positives = np.rint(recall * y.sum())  # exact counts, so k / npos compares exactly
-    return interpolated_ap(precision, true_positives / npos, mode=mode)
+    return matched_average_precision(match_class(detections, ground_truth, iou=iou), mode=mode)
 
 
 #: R-CNN's ``rcnn_test.m``: "heuristic that yields at most 100k pre-NMS boxes per 2500 images"

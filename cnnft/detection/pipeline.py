@@ -28,7 +28,9 @@ from cnnft.data.proposals import ProposalSettings
 from cnnft.data.transforms import Mean, mean_key
 from cnnft.data.voc import VOC_CLASSES, VOCImage, load_voc
 from cnnft.detection.evaluation import (
-    detection_average_precision,
+    MatchedDetections,
+    match_class,
+    matched_average_precision,
     max_per_set_value,
     nms_per_class,
     set_thresholds,
@@ -48,6 +50,7 @@ from cnnft.detection.regions import (
 from cnnft.errors import DataError
 from cnnft.features import FeatureCache
 from cnnft.hashing import layer_digests
+from cnnft.scores import DetectionScores
 from cnnft.svm import mean_norm_scale
 
 log = logging.getLogger(__name__)
@@ -161,9 +164,10 @@ def train_detectors(train: RegionStore, feats: Callable[[torch.Tensor], torch.Te
 
 
 def evaluate(test: RegionStore, feats: Callable[[torch.Tensor], torch.Tensor], detectors,
-             s: DetectionSettings) -> np.ndarray:
+             s: DetectionSettings, matched: list[MatchedDetections] | None = None) -> np.ndarray:
     """Per-class VOC detection AP of the detectors on every test image: per image and class the
-    ``top_k`` boxes, then the test-set cap (``max_per_set``), then NMS (R-CNN's order)."""
+    ``top_k`` boxes, then the test-set cap (``max_per_set``), then NMS (R-CNN's order). The
+    matched detections of each class are appended to ``matched`` when it is given."""
     images = test.regions.images
     candidates = []  # per image (boxes [t, K, 4], scores [t, K]): 100 x 20 per image at most
     for i, p5 in test.images():
@@ -176,19 +180,24 @@ def evaluate(test: RegionStore, feats: Callable[[torch.Tensor], torch.Tensor], d
     for boxes, scores in candidates:
         for k, dets in enumerate(nms_per_class(boxes, scores, nms_iou=s.nms_iou, min_score=floor)):
             per_class[k].append(dets)
-    return np.array([detection_average_precision(
-        per_class[k], [(im.boxes[im.labels == k], im.difficult[im.labels == k]) for im in images],
-        iou=s.match_iou, mode=s.ap_mode) for k in range(len(VOC_CLASSES))])
+    found = [match_class(per_class[k], [(im.boxes[im.labels == k], im.difficult[im.labels == k])
+                                        for im in images], iou=s.match_iou)
+             for k in range(len(VOC_CLASSES))]
+    if matched is not None:
+        matched.extend(found)
+    return np.array([matched_average_precision(m, mode=s.ap_mode) for m in found])
 
 
 def run_detection(model: nn.Module, *, layers: Sequence[str], ablations: Mapping[str, Ablation],
                   settings: DetectionSettings, cache: FeatureCache | None,
                   output_dir: Path, device: str = "cpu", progress: bool = True,
-                  voc_images: Callable[[str], list[VOCImage]] | None = None) -> list[dict[str, Any]]:
+                  voc_images: Callable[[str], list[VOCImage]] | None = None,
+                  scores: DetectionScores | None = None) -> list[dict[str, Any]]:
     """Detection AP per class for every layer and ablation (see the module doc). ``voc_images``
     gives a split's images (default: all of ``load_voc``; the analysis passes
     ``AnalysisContext.voc_images``, which leaves corrupt ones out with ``data.skip_corrupt``):
-    selective search, region features and the test ground truth all use that list."""
+    selective search, region features and the test ground truth all use that list. ``scores``,
+    when given, receives every detector's matched test detections (``cnnft.scores``)."""
     s = settings
     net = getattr(model, "net", model)
     layers = check_detection_layers(net, layers)
@@ -220,7 +229,11 @@ def run_detection(model: nn.Module, *, layers: Sequence[str], ablations: Mapping
             stats = MiningStats()
             where = f"detection layer {layer}" + ("" if name == "unroll" else f" ablation {name}")
             detectors = train_detectors(splits[s.train_split, source], feats, s, device, stats, where)
-            ap = evaluate(splits[s.test_split, source], feats, detectors, s)
+            matched: list[MatchedDetections] = []
+            test = splits[s.test_split, source]
+            ap = evaluate(test, feats, detectors, s, matched)
+            if scores is not None:
+                scores.add(f"{layer}/{name}", [im.image_id for im in test.regions.images], matched)
             rows += [{"layer": layer, "ablation": name, "class": cls, "ap": float(v)}
                      for cls, v in zip(VOC_CLASSES, ap, strict=True)]
             rows.append({"layer": layer, "ablation": name, "class": "mAP", "ap": float(ap.mean()),

@@ -18,6 +18,7 @@ from cnnft.plotting import save_png
 from cnnft.report.claims import ClaimResult, evaluate_claims
 from cnnft.report.figures import FIGURES
 from cnnft.report.load import Results, load_results
+from cnnft.report.margins import CRITERION, LEVEL, SAMPLES, margin_rows, margins_table, write_margins
 from cnnft.report.paper import NETWORK_TITLE, NETWORKS
 from cnnft.report.tables import Table, build_tables, missing_results
 
@@ -95,13 +96,14 @@ def write_table_csv(table: Table, folder: Path) -> Path:
     return atomic_write(folder / f"{table.key}.csv", lambda tmp: tmp.write_text(buf.getvalue()))
 
 
-def baselines_md(res: Results) -> str:
+def baselines_md(res: Results, margins: Sequence[dict] = ()) -> str:
     """Pretrained vs random network vs the low-level control (mAP %): image and GT-box
-    classification at pool5 and relu7; the control's row holds its colour + gradient SVMs."""
+    classification at pool5 and relu7; the control's row holds its colour + gradient SVMs.
+    ``margins``: rows of ``cnnft.report.margins.margin_rows``, shown in a second table."""
     control = {(r.get("task"), r.get("features")): 100.0 * float(r["ap"])
                for r in res.rows("control", "lowlevel_control") if r.get("class") == "mAP"}
     if not control and not res.has("random", "probe_cls"):
-        return ""
+        return margins_md(margins, always=False)
 
     def cell(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.1f}"
@@ -116,7 +118,24 @@ def baselines_md(res: Results) -> str:
                       "The pretrained network against a random one and against linear SVMs on colour "
                       "and gradient-orientation histograms of the pixels (`lowlevel_control`; one "
                       "value per task, repeated under both layers). mAP %, VOC07 test.", "",
-                      _md_table(header, rows), ""])
+                      _md_table(header, rows), "", margins_md(margins, always=True)])
+
+
+def margins_md(rows: Sequence[dict], *, always: bool) -> str:
+    """The margins of the pretrained network over its baselines with their bootstrap intervals;
+    a table of n/a rows (each saying why) only when ``always``."""
+    if not rows or (not always and all(r.get("margin") is None for r in rows)):
+        return ""
+    header, text = margins_table(rows)
+    samples = max((r.get("samples") or 0 for r in rows), default=0) or SAMPLES
+    return "\n".join([f"### The margin over each baseline, with a bootstrap {LEVEL:.0%} interval", "",
+                      f"alex-net's mAP minus the baseline's (points), and the {LEVEL:.0%} percentile "
+                      f"interval of that margin over {samples} paired resamples of the test images "
+                      "(the same images for both; an image's boxes or detections go with it), from "
+                      "the analyses' score files (`results/<analysis>_scores.npz`; VOC07 11-point AP). "
+                      f"Criterion (issue 13): {CRITERION}. The control baseline is the feature set "
+                      "with the highest mAP on that task. Also in `tables/baseline_margins.json|csv`.",
+                      "", _md_table(header, text), ""])
 
 
 def status_md(res: Results, missing: list[tuple[str, str]]) -> str:
@@ -257,7 +276,9 @@ def build_report(dirs: Sequence[str | Path], out: str | Path, *, wandb: bool = F
     missing = missing_results(res, tables)
     for t in tables:
         write_table_csv(t, out / "tables")
-    parts = [header_md(res), claims_md(claims), baselines_md(res), "## Tables", "",
+    margins = margin_rows(res)
+    write_margins(margins, out / "tables")
+    parts = [header_md(res), claims_md(claims), baselines_md(res, margins), "## Tables", "",
              *(table_md(t) for t in tables),
              figures_md(res, out), networks_md(res), status_md(res, missing)]
     text = "\n".join(parts)

@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from cnnft.errors import DataError
 from cnnft.plotting import read_metrics_csv
 from cnnft.report.paper import network_of
+from cnnft.scores import SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class Results:
     """Everything the report reads. ``tables[network][analysis]`` is a results JSON payload."""
 
     tables: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    #: ``scores[network][analysis]``: its ``results/<analysis>_scores.npz`` (``cnnft.scores``)
+    scores: dict[str, dict[str, Path]] = field(default_factory=dict)
     snapshots: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
     figures: dict[str, list[Path]] = field(default_factory=dict)
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
@@ -167,6 +170,8 @@ def _add_train_run(res: Results, run: Path) -> None:
 
 def _add_network(res: Results, network: str, run: Path) -> None:
     res.tables.setdefault(network, {}).update(read_results_dir(run))
+    res.scores.setdefault(network, {}).update(
+        {p.name[:-len(SUFFIX)]: p for p in sorted((run / "results").glob(f"*{SUFFIX}"))})
     res.figures.setdefault(network, []).extend(sorted((run / "figures").glob("*.png")))
     res.failures += read_failures(run, f"analyze/{network}")
 
