@@ -80,8 +80,9 @@ class CrossChannelLRN(nn.Module):
             return x / (window * (self.alpha / self.size) + self.k).pow(self.beta)
         # without autograd (analyses, region features): the same operations in the same order,
         # in place in one buffer laid out like x (the channel slices of sq are strided views)
-        nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-        window = sq[:, 0:channels].clone(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+        layout = (torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+                  else torch.contiguous_format)
+        window = sq[:, 0:channels].clone(memory_format=layout)
         for i in range(1, self.size):
             window += sq[:, i:i + channels]
         return x / window.mul_(self.alpha / self.size).add_(self.k).pow_(self.beta)

@@ -297,10 +297,10 @@ class GridSolver(Protocol):
 
 def row_space_basis(F: Tensor) -> tuple[Tensor, Tensor]:
     """``(R, Q)`` with ``F = R Q``: ``Q`` [N, P] orthonormal rows spanning the row space of ``F``
-    [N, P] (N < P), ``R`` [N, N] the coordinates of the rows in that basis (QR of ``F^T``,
-    computed in float64; ``R`` returned in ``F``'s dtype, ``Q`` in float64)."""
+    [N, P] (N < P), ``R`` [N, N] the coordinates of the rows in that basis (QR of ``F^T``; both
+    in float64)."""
     q, r = torch.linalg.qr(F.T.double())  # F^T = q r: q [P, N], r [N, N]
-    return r.T.to(F.dtype), q.T
+    return r.T, q.T
 
 
 def solve_grid(x: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: Sequence[float],
@@ -319,7 +319,10 @@ def solve_grid(x: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: Se
     Newton/CG iterate from zero is ``w = v Q`` (each step is a combination of rows of ``F``), and
     ``Q`` is an isometry, so the solver run on the N x N features ``R`` gives ``v`` through the
     same iterates, objective values and stopping tests, at N / (D + 1) of the arithmetic per
-    matmul. Results differ from the solve on ``F`` by float rounding only."""
+    matmul. That small problem is solved in float64 whatever ``cfg.dtype`` (cheap at N x N; in
+    float32 its rounding flipped a near-tied choice of C that the float32 and float64 solves on
+    ``F`` agree on); the weights are returned in ``x``'s dtype. Results differ from the solve on
+    ``F`` by rounding and by where the stopping tests fall (bench/probe_row_space.py)."""
     if columns is not None:
         columns = torch.cat([columns, torch.ones(columns.shape[0], 1, dtype=torch.bool,
                                                  device=columns.device)], 1)
@@ -328,6 +331,7 @@ def solve_grid(x: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: Se
     if row_space and columns is None and init is None and F.shape[0] < F.shape[1]:
         with _threads_for(F, limit=math.inf):
             F, basis = row_space_basis(F)
+        weight = weight.double()
     with _threads_for(F):
         W = _solve_grid(F, y, weight, masks, c_values, cfg, stats, columns, init, label)
-    return W if basis is None else (W.double() @ basis).to(W.dtype)
+    return W if basis is None else (W @ basis).to(x.dtype)
