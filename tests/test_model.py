@@ -270,21 +270,3 @@ def test_kaiming_init_gives_unit_scale_signals_and_zero_biases() -> None:
 def test_unknown_init_raises() -> None:
     with pytest.raises(ConfigError, match=r"model.init='xavier'.*\('caffe', 'kaiming'\)"):
         CaffeNet(5, width=0.125, input_size=67, init="xavier")
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_lrn_without_autograd_is_bitwise_the_autograd_path(channels_last: bool) -> None:
-    """Analyses run the LRN in place under no_grad/inference_mode: exactly the training path's
-    values (same operations, same order), the input untouched, the output laid out like it."""
-    x = torch.randn(3, 24, 9, 9, generator=torch.Generator().manual_seed(1)) * 40
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    lrn, before = CrossChannelLRN(5, 1e-4, 0.75, 1.0), x.clone()
-    trained = lrn(x.clone().requires_grad_()).detach()
-    with torch.no_grad():
-        plain = lrn(x)
-    with torch.inference_mode():
-        inference = lrn(x)
-    assert torch.equal(plain, trained) and torch.equal(inference, trained)
-    assert torch.equal(x, before)
-    assert plain.is_contiguous(memory_format=torch.channels_last) == channels_last

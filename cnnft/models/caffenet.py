@@ -73,19 +73,10 @@ class CrossChannelLRN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels = x.shape[1]
         sq = F.pad(x.square(), (0, 0, 0, 0, self.size // 2, (self.size - 1) // 2))
-        if torch.is_grad_enabled() and x.requires_grad:
-            window = sq[:, 0:channels]
-            for i in range(1, self.size):
-                window = window + sq[:, i:i + channels]
-            return x / (window * (self.alpha / self.size) + self.k).pow(self.beta)
-        # without autograd (analyses, region features): the same operations in the same order,
-        # in place in one buffer laid out like x (the channel slices of sq are strided views)
-        layout = (torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-                  else torch.contiguous_format)
-        window = sq[:, 0:channels].clone(memory_format=layout)
+        window = sq[:, 0:channels]
         for i in range(1, self.size):
-            window += sq[:, i:i + channels]
-        return x / window.mul_(self.alpha / self.size).add_(self.k).pow_(self.beta)
+            window = window + sq[:, i:i + channels]
+        return x / (window * (self.alpha / self.size) + self.k).pow(self.beta)
 
 
 class CaffeNet(nn.Sequential):
