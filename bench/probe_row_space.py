@@ -4,9 +4,12 @@
 trainval images, up to 8665 features a layer at demo scale) on the N x N coordinates of the rows
 in an orthonormal basis of their span (``row_space=True``, the default) instead of the N x (D+1)
 features. This bench runs the image-classification probe (``cnnft.probing.run_probes``, every
-layer, plain features, the ``probe`` SVM settings: 5 C values x 3 folds + refit) of each given
-checkpoint both ways, in one process and in turns, and prints per layer the seconds, their
-ratio, the largest difference in AP of any class and whether every class chose the same C.
+layer, plain features, the ``probe`` SVM settings: 5 C values x 3 folds + refit; ``--task
+gtbox``: the GT-box probe) of each given checkpoint both ways, in one process and in turns, and
+prints the seconds, their ratio, the largest difference in AP of any class and whether every class chose the same C.
+``--float64-reference`` adds the probe solved on the features in float64 (slow) and counts, for
+each of the two, the (layer, class) pairs whose chosen C differs from it: where C is near-tied,
+float32 rounding on the features can tip the choice (the row-space solve runs in float64).
 Features come from the ordinary feature cache (extracted on the first pass if missing).
 
     python bench/probe_row_space.py --checkpoints 'outputs/reproduce/demo/pretrain/snapshots/*.ckpt' \\
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import glob
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -28,13 +32,13 @@ from cnnft.analysis import AnalysisContext
 from cnnft.analyze import load_network
 from cnnft.data.transforms import resolve_mean
 from cnnft.features import FeatureCache
-from cnnft.probing import image_split, layer_features, run_probes
+from cnnft.probing import gtbox_split, image_split, layer_features, run_probes
 from cnnft.svm import SVMConfig, solve_grid
 from cnnft.task import compose_job
 
 
-def probe_rows(net, ctx, layers, svm, solver) -> tuple[dict, float]:
-    train, test = image_split(ctx, "trainval"), image_split(ctx, "test")
+def probe_rows(net, ctx, layers, svm, solver, split=image_split) -> tuple[dict, float]:
+    train, test = split(ctx, "trainval"), split(ctx, "test")
     t0 = time.perf_counter()
     rows = run_probes(net, train, test, layers=layers, ablations={"unroll": unroll}, svm=svm, ctx=ctx,
                       solver=solver)
@@ -46,12 +50,16 @@ def main() -> None:
     ap.add_argument("--checkpoints", required=True, help="a glob of cnnft checkpoints")
     ap.add_argument("--data-dir", required=True, help="paths.data_dir (demo data and the cache)")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--float64-reference", action="store_true")
+    ap.add_argument("--task", choices=["cls", "gtbox"], default="cls",
+                    help="image classification (probe_cls) or GT-box classification (probe_gtbox)")
     args = ap.parse_args()
     cfg = compose_job("analyze", [f"paths.data_dir={args.data_dir}", "checkpoint=random", "logger=csv"],
                       "/tmp/probe_row_space")
     svm = SVMConfig.from_mapping(cfg.probe, "probe")
     layers = list(cfg.layers)
     solvers = {"features": partial(solve_grid, row_space=False), "row space": solve_grid}
+    split = image_split if args.task == "cls" else gtbox_split
     total = dict.fromkeys(solvers, 0.0)
     print(f"threads {torch.get_num_threads()}, layers {layers}")
     for spec in sorted(glob.glob(args.checkpoints)):
@@ -63,15 +71,21 @@ def main() -> None:
                               mean=resolve_mean(model_cfg["mean"], model_cfg.get("mean_image")),
                               cache=FeatureCache(Path(cfg.paths.cache_dir) / "features"),
                               batch_size=cfg.batch_size, progress=False)
-        for split in ("trainval", "test"):  # fill the cache before timing
-            layer_features(net, image_split(ctx, split), layers, ctx)
+        for name in ("trainval", "test"):  # fill the cache before timing
+            layer_features(net, split(ctx, name), layers, ctx)
         seconds = dict.fromkeys(solvers, 0.0)
         results = {}
         for _ in range(args.repeats):
             for name, solver in solvers.items():
-                results[name], s = probe_rows(net, ctx, layers, svm, solver)
+                results[name], s = probe_rows(net, ctx, layers, svm, solver, split)
                 seconds[name] += s / args.repeats
         a, b = results["features"], results["row space"]
+        if args.float64_reference:
+            ref, _ = probe_rows(net, ctx, layers, replace(svm, dtype="float64"),
+                                partial(solve_grid, row_space=False), split)
+            off = {name: sum(results[name][k][1] != ref[k][1] for k in ref) for name in solvers}
+            print(f"{Path(spec).name}: (layer, class) choosing another C than the float64 solve on "
+                  f"the features: features {off['features']}, row space {off['row space']}")
         dap = max(abs(a[k][0] - b[k][0]) for k in a)
         same_c = all(a[k][1] == b[k][1] for k in a)
         maps = [f"{layer} {a[(layer, 'mAP')][0]:.4f}/{b[(layer, 'mAP')][0]:.4f}" for layer in layers]
