@@ -6,7 +6,8 @@ in an orthonormal basis of their span (``row_space=True``, the default) instead 
 features. This bench runs the image-classification probe (``cnnft.probing.run_probes``, every
 layer, plain features, the ``probe`` SVM settings: 5 C values x 3 folds + refit; ``--task
 gtbox``: the GT-box probe) of each given checkpoint both ways, in one process and in turns, and
-prints the seconds, their ratio, the largest difference in AP of any class and whether every class chose the same C.
+prints the seconds, their ratio, the largest difference in AP of any class and whether every
+class chose the same C.
 ``--float64-reference`` adds the probe solved on the features in float64 (slow) and counts, for
 each of the two, the (layer, class) pairs whose chosen C differs from it: where C is near-tied,
 float32 rounding on the features can tip the choice (the row-space solve runs in float64).
