@@ -490,8 +490,8 @@ def test_row_space_solve_takes_the_same_steps_as_the_solve_on_the_features(
     """Fewer rows than features (the image probes): solve_grid solves on the rows' coordinates in
     an orthonormal basis of their span. The same iterates up to rounding (Newton and CG step
     counts within one step or 3%, where a stopping test falls on rounding), the same weights to
-    well within the tolerance, the same C per class; not used with a column mask, a start or
-    N >= D + 1."""
+    well within the tolerance, the same C per class; not used with a column mask, a start,
+    N >= D + 1 or a basis above ROW_SPACE_MAX_BYTES."""
     from functools import partial
 
     import cnnft.svm.solver as solver
@@ -519,4 +519,6 @@ def test_row_space_solve_takes_the_same_steps_as_the_solve_on_the_features(
     solve_grid(x, y, weight, masks, cfg.c_grid, cfg, columns=torch.ones(3, 150, dtype=torch.bool))
     solve_grid(x, y, weight, masks[:, -1:], [1.0], cfg, init=torch.zeros(3, 151, dtype=torch.float64))
     solve_grid(x[:, :40], y, weight, masks, cfg.c_grid, cfg)
+    monkeypatch.setattr(solver, "ROW_SPACE_MAX_BYTES", 8 * 60 * 151 - 1)  # the basis would not fit
+    solve_grid(x, y, weight, masks, cfg.c_grid, cfg)
     assert calls == []

@@ -61,6 +61,8 @@ CG_RTOL = 0.1
 CG_MAX_ITER = 200
 #: feature matrices with fewer elements are solved on one CPU thread (see ``_threads_for``)
 SMALL_PROBLEM = 1 << 21
+#: the row-space solve (``solve_grid``) is skipped when its float64 basis would be larger
+ROW_SPACE_MAX_BYTES = 1 << 30
 
 
 def _terms(Z: Tensor, T: Tensor, S: Tensor, h: float | None) -> tuple[Tensor, Tensor]:
@@ -322,13 +324,16 @@ def solve_grid(x: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: Se
     matmul. That small problem is solved in float64 whatever ``cfg.dtype`` (cheap at N x N; in
     float32 its rounding flipped a near-tied choice of C that the float32 and float64 solves on
     ``F`` agree on); the weights are returned in ``x``'s dtype. Results differ from the solve on
-    ``F`` by rounding and by where the stopping tests fall (bench/probe_row_space.py)."""
+    ``F`` by rounding and by where the stopping tests fall (bench/probe_row_space.py). Skipped
+    when the float64 basis would exceed ``ROW_SPACE_MAX_BYTES`` (paper-scale probes: 5011 x 69985
+    at pool1 would need 2.8 GB)."""
     if columns is not None:
         columns = torch.cat([columns, torch.ones(columns.shape[0], 1, dtype=torch.bool,
                                                  device=columns.device)], 1)
     F = augment(x, cfg.bias)
     basis = None
-    if row_space and columns is None and init is None and F.shape[0] < F.shape[1]:
+    if (row_space and columns is None and init is None and F.shape[0] < F.shape[1]
+            and 8 * F.numel() <= ROW_SPACE_MAX_BYTES):
         with _threads_for(F, limit=math.inf):
             F, basis = row_space_basis(F)
         weight = weight.double()
