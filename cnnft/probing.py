@@ -34,7 +34,7 @@ from cnnft.hashing import files_fingerprint
 from cnnft.metrics import mean_average_precision
 from cnnft.models.caffenet import PROBE_LAYERS
 from cnnft.scores import ProbeScores, save_arrays, scores_path
-from cnnft.svm import SolveLabel, SVMConfig, fit_probe
+from cnnft.svm import GridSolver, SolveLabel, SVMConfig, fit_probe, solve_grid
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +135,12 @@ def applies(ablation: Ablation, features: torch.Tensor) -> bool:
 def run_probes(model: nn.Module, train: ProbeSplit, test: ProbeSplit, *, layers: Sequence[str],
                ablations: Mapping[str, Ablation], svm: SVMConfig, ctx: AnalysisContext,
                train_difficult: bool = False, ap_mode: str = "voc07",
-               scores: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+               scores: dict[str, np.ndarray] | None = None,
+               solver: GridSolver = solve_grid) -> list[dict[str, Any]]:
     """Per-class test AP of one-vs-rest SVMs for each layer and ablation (see module doc);
     ``scores``, when given, receives each probe's test decision values ``[N, classes]`` under
-    ``<layer>/<ablation>``."""
+    ``<layer>/<ablation>``; ``solver``: the SVM solver (``cnnft.svm.solve_grid``; benches pass
+    variants of it)."""
     net = getattr(model, "net", model)
     layers = net.check_layers(layers)
     for split in (train, test):
@@ -157,7 +159,7 @@ def run_probes(model: nn.Module, train: ProbeSplit, test: ProbeSplit, *, layers:
             solves: dict = {}
             label = SolveLabel(f"probe {train.transform['kind']} layer {layer} ablation {name}", VOC_CLASSES)
             probe = fit_probe(xtr, torch.from_numpy(train.labels), cfg=svm, ignore=ignore, stats=solves,
-                              label=label)
+                              label=label, solver=solver)
             test_scores = probe.scores(xte)
             per_class, mean = mean_average_precision(test_scores, test.labels, difficult=test.ignore,
                                                      mode=ap_mode)

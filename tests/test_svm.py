@@ -21,7 +21,7 @@ from cnnft.svm import (
     select_c,
     train_svms,
 )
-from cnnft.svm.solver import _newton, augment
+from cnnft.svm.solver import _newton, augment, row_space_basis, solve_grid
 from tests.svm_reference import sklearn_solver
 
 
@@ -482,3 +482,43 @@ def test_one_scorer_for_probes_and_its_normalisation() -> None:
     probe = fit_probe(x, y, cfg=SVMConfig(c_grid=(0.1,), folds=1, normalize="mean_norm"))
     assert isinstance(probe, LinearScorer) and probe.scale == mean_norm_scale(x, 20.0)
     assert torch.equal(probe.normalized(x), x.to(probe.W.dtype) * probe.scale)
+
+
+@pytest.mark.parametrize("loss", ["squared_hinge", "hinge"])
+def test_row_space_solve_takes_the_same_steps_as_the_solve_on_the_features(
+        loss: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fewer rows than features (the image probes): solve_grid solves on the rows' coordinates in
+    an orthonormal basis of their span. The same iterates up to rounding (Newton and CG step
+    counts within one step or 3%, where a stopping test falls on rounding), the same weights to
+    well within the tolerance, the same C per class; not used with a column mask, a start,
+    N >= D + 1 or a basis above ROW_SPACE_MAX_BYTES."""
+    from functools import partial
+
+    import cnnft.svm.solver as solver
+
+    calls = []
+    monkeypatch.setattr(solver, "row_space_basis", lambda F: calls.append(F.shape) or row_space_basis(F))
+    x, y = clusters(60, 150, 3, sep=1.0, seed=4)
+    cfg = SVMConfig(c_grid=(0.01, 1.0), folds=3, bias=10.0, tol=1e-5, dtype="float64", loss=loss)
+    masks = torch.stack([torch.arange(60) % 3 != f for f in range(3)] + [torch.ones(60, dtype=torch.bool)], 1)
+    weight = torch.where(y, 2.0, 1.0).double()
+    runs = {}
+    for row_space in (False, True):
+        stats: dict = {}
+        W = solve_grid(x, y, weight, masks, cfg.c_grid, cfg, stats=stats, row_space=row_space)
+        runs[row_space] = (W, stats)
+    assert calls == [(60, 151)]
+    (W0, s0), (W1, s1) = runs[False], runs[True]
+    assert abs(s0["newton"] - s1["newton"]) <= 1 and abs(s0["cg"] - s1["cg"]) <= 0.03 * s0["cg"]
+    assert float((W1 - W0).abs().max()) < 1e-4 * float(W0.abs().max())  # the solves' tol: 1e-5
+    a = fit_probe(x, y, cfg=cfg, solver=partial(solve_grid, row_space=False))
+    b = fit_probe(x, y, cfg=cfg)
+    assert torch.equal(a.c, b.c)
+    assert float((b.W - a.W).abs().max()) < 1e-4 * float(a.W.abs().max())
+    calls.clear()
+    solve_grid(x, y, weight, masks, cfg.c_grid, cfg, columns=torch.ones(3, 150, dtype=torch.bool))
+    solve_grid(x, y, weight, masks[:, -1:], [1.0], cfg, init=torch.zeros(3, 151, dtype=torch.float64))
+    solve_grid(x[:, :40], y, weight, masks, cfg.c_grid, cfg)
+    monkeypatch.setattr(solver, "ROW_SPACE_MAX_BYTES", 8 * 60 * 151 - 1)  # the basis would not fit
+    solve_grid(x, y, weight, masks, cfg.c_grid, cfg)
+    assert calls == []

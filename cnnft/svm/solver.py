@@ -61,6 +61,8 @@ CG_RTOL = 0.1
 CG_MAX_ITER = 200
 #: feature matrices with fewer elements are solved on one CPU thread (see ``_threads_for``)
 SMALL_PROBLEM = 1 << 21
+#: the row-space solve (``solve_grid``) is skipped when its float64 basis would be larger
+ROW_SPACE_MAX_BYTES = 1 << 30
 
 
 def _terms(Z: Tensor, T: Tensor, S: Tensor, h: float | None) -> tuple[Tensor, Tensor]:
@@ -192,12 +194,13 @@ def _newton(F: Tensor, T: Tensor, S: Tensor, *, tol: float, max_iter: int, W0: T
 
 
 @contextmanager
-def _threads_for(F: Tensor) -> Iterator[None]:
-    """One intra-op thread for small CPU problems. Their many small ops gain little from threads,
-    and on a busy machine each parallel region waits for a descheduled worker: a 900 x 600 CV grid
-    took 36 s of CPU on 2 threads against 0.5 s on 1 while other jobs shared the 2 cores."""
+def _threads_for(F: Tensor, limit: float = SMALL_PROBLEM) -> Iterator[None]:
+    """One intra-op thread for small CPU problems (fewer than ``limit`` elements). Their many small
+    ops gain little from threads, and on a busy machine each parallel region waits for a
+    descheduled worker: a 900 x 600 CV grid took 36 s of CPU on 2 threads against 0.5 s on 1
+    while other jobs shared the 2 cores (LAPACK's QR of a 8665 x 200 matrix: 3.3 s against 0.18 s)."""
     old = torch.get_num_threads()
-    if F.device.type != "cpu" or F.numel() >= SMALL_PROBLEM or old == 1:
+    if F.device.type != "cpu" or F.numel() >= limit or old == 1:
         yield
         return
     torch.set_num_threads(1)
@@ -294,17 +297,46 @@ class GridSolver(Protocol):
                  init: Tensor | None = None, label: SolveLabel | None = None) -> Tensor: ...
 
 
+def row_space_basis(F: Tensor) -> tuple[Tensor, Tensor]:
+    """``(R, Q)`` with ``F = R Q``: ``Q`` [N, P] orthonormal rows spanning the row space of ``F``
+    [N, P] (N < P), ``R`` [N, N] the coordinates of the rows in that basis (QR of ``F^T``; both
+    in float64)."""
+    q, r = torch.linalg.qr(F.T.double())  # F^T = q r: q [P, N], r [N, N]
+    return r.T, q.T
+
+
 def solve_grid(x: Tensor, y: Tensor, weight: Tensor, masks: Tensor, c_values: Sequence[float],
                cfg: SVMConfig, *, stats: dict | None = None, columns: Tensor | None = None,
-               init: Tensor | None = None, label: SolveLabel | None = None) -> Tensor:
+               init: Tensor | None = None, label: SolveLabel | None = None,
+               row_space: bool = True) -> Tensor:
     """The batched torch solver on features ``x`` [N, D] (the bias feature ``cfg.bias`` is added
     here): ``y`` [N, n] bool, ``weight`` [N, n] class weights (0 = ignored), ``masks`` [N, m]
     rows seen by each mask, ``columns`` [n, D] bool (optional) the feature columns each class may
     use (the bias always), ``init`` [n, D + 1] (optional) starting weights, bias column last.
-    Returns W [len(c_values), n, m, D + 1], the bias feature's weight last."""
+    Returns W [len(c_values), n, m, D + 1], the bias feature's weight last.
+
+    With fewer rows than columns (the probes: 200 images, up to 8665 features at demo scale) and
+    neither ``columns`` nor ``init``, the problems are solved in the row space of the features
+    (``row_space``): with ``F = R Q`` (``row_space_basis``), every problem's solution and every
+    Newton/CG iterate from zero is ``w = v Q`` (each step is a combination of rows of ``F``), and
+    ``Q`` is an isometry, so the solver run on the N x N features ``R`` gives ``v`` through the
+    same iterates, objective values and stopping tests, at N / (D + 1) of the arithmetic per
+    matmul. That small problem is solved in float64 whatever ``cfg.dtype`` (cheap at N x N; in
+    float32 its rounding flipped a near-tied choice of C that the float32 and float64 solves on
+    ``F`` agree on); the weights are returned in ``x``'s dtype. Results differ from the solve on
+    ``F`` by rounding and by where the stopping tests fall (bench/probe_row_space.py). Skipped
+    when the float64 basis would exceed ``ROW_SPACE_MAX_BYTES`` (paper-scale probes: 5011 x 69985
+    at pool1 would need 2.8 GB)."""
     if columns is not None:
         columns = torch.cat([columns, torch.ones(columns.shape[0], 1, dtype=torch.bool,
                                                  device=columns.device)], 1)
     F = augment(x, cfg.bias)
+    basis = None
+    if (row_space and columns is None and init is None and F.shape[0] < F.shape[1]
+            and 8 * F.numel() <= ROW_SPACE_MAX_BYTES):
+        with _threads_for(F, limit=math.inf):
+            F, basis = row_space_basis(F)
+        weight = weight.double()
     with _threads_for(F):
-        return _solve_grid(F, y, weight, masks, c_values, cfg, stats, columns, init, label)
+        W = _solve_grid(F, y, weight, masks, c_values, cfg, stats, columns, init, label)
+    return W if basis is None else (W @ basis).to(x.dtype)
