@@ -47,6 +47,8 @@ INTRODUCED: dict[str, Any] = {
     "model.family": "caffenet", "model.name": "caffenet", "model.input_std": None,
     "model.weights": None, "model.first_conv": "conv1", "model.unit_layer": "pool5",
     "model.probe_layers": ["pool1", "pool2", "relu3", "relu4", "pool5", "relu6", "relu7"],
+    "model.conv_layers": ["conv1", "conv2", "conv3", "conv4", "conv5"], "model.fc_layers": ["fc6", "fc7"],
+    "freeze.upto": None,
 }
 
 
