@@ -228,7 +228,26 @@ def training_network(model: Mapping[str, Any], num_classes: int,
     return net
 
 
+def wrap_weights(path: str | os.PathLike[str], model: Mapping[str, Any]) -> dict[str, Any]:
+    """A state dict file of ``model`` (or a cnnft checkpoint of it) as a cnnft checkpoint that
+    ``cnnft-analyze`` reads: the network's weights under ``net.module.``, the architecture (head
+    width from the file), the model config and the source file. Checked against the model."""
+    state = starting_weights(path, model)
+    net = build_network(model, load_weights=False)
+    head = head_name(net)
+    if f"{head}.weight" not in state:
+        raise CheckpointError(f"weights {path} have no {head}.weight (the head of {model_label(model)}); "
+                              "expected a state dict of the whole network")
+    replace_head(net, int(state[f"{head}.weight"].shape[0]))
+    load_state(net.module, state, str(path))
+    arch = {"family": family(model), "name": model_label(model), "input_size": net.input_size,
+            "num_classes": int(state[f"{head}.weight"].shape[0]), "head": head}
+    return {"cnnft": {"arch": arch, "config": {"model": dict(model)}, "source": str(path)},
+            "state_dict": {f"net.module.{k}": v for k, v in net.module.state_dict().items()},
+            "global_step": None}
+
+
 __all__ = ["FAMILIES", "build_network", "family", "head_name", "load_state", "model_label",
            "read_weights", "replace_head", "starting_weights", "torchvision_builder", "training_network",
-           "validate_model"]
+           "validate_model", "wrap_weights"]
 
