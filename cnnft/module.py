@@ -38,10 +38,10 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cnnft import __version__
-from cnnft.checkpoint import check_pretrained_format, load_pretrained
+from cnnft.checkpoint import check_pretrained_format, load_pretrained, read_checkpoint
 from cnnft.data.sampling import rng_for
 from cnnft.freeze import FreezeScheme, apply_freeze, freezable, frozen_modules, head_of
-from cnnft.models.build import family, model_label, training_network
+from cnnft.models.build import check_same_model, family, model_label, training_network
 from cnnft.models.caffenet import CaffeNet
 from cnnft.models.dropout import global_batch_rows, use_global_batch_dropout
 from cnnft.optim import caffe_sgd
@@ -76,6 +76,7 @@ class CaffeNetModule(L.LightningModule):
             self.net = CaffeNet(num_classes, **net)
             use_global_batch_dropout(self.net)
             if pretrained:
+                check_same_model(read_checkpoint(pretrained), pretrained, model)
                 load_pretrained(self.net, pretrained, fmt=pretrained_format)
             self.arch = {"width": self.net.width, "input_size": self.net.input_size,
                          "num_classes": num_classes}

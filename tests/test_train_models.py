@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from cnnft.analyze import load_network
 from cnnft.checkpoint import read_checkpoint
@@ -160,18 +161,18 @@ def test_freeze_schemes_are_checked_against_the_model(freeze: dict, message: str
         _resnet_module(**freeze)
 
 
-def _fake_caffenet_checkpoint(path: Path) -> Path:
-    torch.save({"cnnft": {"arch": {}, "config": {"model": {"family": "caffenet", "name": "caffenet"}}},
-                "state_dict": {}}, path)
+def _fake_checkpoint(path: Path, model: dict) -> Path:
+    torch.save({"cnnft": {"arch": {}, "config": {"model": model}}, "state_dict": {}}, path)
     return path
 
 
 @pytest.mark.parametrize("case", ["unknown_model", "misfit_weights", "unknown_layer", "frozen_head",
-                                  "other_model_checkpoint"])
+                                  "other_model_checkpoint", "caffenet_from_other_model"])
 def test_bad_training_input_is_refused_before_anything_is_written(case: str, tiny_cfg,
                                                                   tmp_path: Path) -> None:
     misfit = tmp_path / "misfit.pth"
     torch.save(SmallNet(channels=4).state_dict(), misfit)
+    caffenet = _fake_checkpoint(tmp_path / "c.ckpt", {"family": "caffenet"})
     over, error, message = {
         "unknown_model": (["model=torchvision", "model.name=resnet5"], ConfigError,
                           r"model.name='resnet5' is not a torchvision classification model"),
@@ -183,9 +184,12 @@ def test_bad_training_input_is_refused_before_anything_is_written(case: str, tin
                           r"'block.0', 'fc'\]"),
         "frozen_head": ([*CUSTOM, "freeze.upto=fc"], ConfigError, r"freezes the model's head 'fc'"),
         "other_model_checkpoint": ([*CUSTOM, "stage=finetune",
-                                    f"pretrained={_fake_caffenet_checkpoint(tmp_path / 'c.ckpt')}"],
+                                    f"pretrained={caffenet}"],
                                    CheckpointError, r"c.ckpt holds a caffenet network; this run's model is "
                                                     r"tests.test_models.SmallNet"),
+        "caffenet_from_other_model": (["stage=finetune", "pretrained=" + str(_fake_checkpoint(
+            tmp_path / "r.ckpt", {"family": "torchvision", "name": "resnet18"}))], CheckpointError,
+            r"r.ckpt holds a resnet18 network; this run's model is caffenet"),
     }[case]
     out = tmp_path / "run"
     with pytest.raises(error, match=message):
@@ -233,3 +237,28 @@ def test_reproduce_runs_the_pipeline_on_another_model(data_dir: Path, tmp_path: 
     assert "| **model** | `tests.test_models.SmallNet` |" in md
     assert "> **Model: tests.test_models.SmallNet.** The paper used CaffeNet" in md
     assert "(CaffeNet's: the paper used CaffeNet)" in md and "paper's numbers (CaffeNet)" in md
+
+
+def test_a_state_dict_of_another_model_is_wrapped_for_analysis(tmp_path: Path, data_dir: Path) -> None:
+    """cnnft-reproduce pretrained=<a state dict of the model>: wrapped into a cnnft checkpoint
+    that cnnft-analyze rebuilds exactly (``cnnft.checkpoint.wrap_state_dict``)."""
+    from cnnft.checkpoint import wrap_state_dict
+
+    torch.manual_seed(4)
+    source = SmallNet(num_classes=7).eval()
+    weights = tmp_path / "small.pth"
+    torch.save(source.state_dict(), weights)
+    cfg = compose_cfg([*TINY_DATA, *CUSTOM, "checkpoint=random"], tmp_path / "an", data_dir, name="analyze")
+    node = OmegaConf.to_container(cfg.model, resolve=True)  # as cnnft-reproduce passes it
+    wrapped = wrap_state_dict(read_checkpoint(weights), weights, node)
+    assert wrapped["cnnft"]["arch"] == {"family": "custom", "name": "tests.test_models.SmallNet",
+                                        "input_size": 40, "num_classes": 7, "head": "fc"}
+    path = tmp_path / "network.ckpt"
+    torch.save(wrapped, path)
+    net, _, _, _ = load_network(str(path), cfg)
+    x = torch.randn(2, 3, 40, 40) * 50
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), source(x / net.input_std))
+    torch.save({"fc.weight": torch.zeros(7, 32)}, weights)
+    with pytest.raises(CheckpointError, match=r"do not fit the model: missing keys \['block.0.bias'"):
+        wrap_state_dict(read_checkpoint(weights), weights, node)

@@ -194,6 +194,19 @@ def validate_model(model: Mapping[str, Any]) -> None:
         custom_factory(model)
 
 
+def check_same_model(ckpt: Mapping[str, Any], path: str | os.PathLike[str], model: Mapping[str, Any]) -> None:
+    """Raise unless the cnnft checkpoint ``ckpt`` holds a network of ``model`` (family and name;
+    checkpoints from before the model group hold CaffeNet)."""
+    info = ckpt.get("cnnft")
+    if not isinstance(info, Mapping):
+        return
+    saved = (info.get("config") or {}).get("model") or {}
+    if (family(saved), model_label(saved)) != (family(model), model_label(model)):
+        raise CheckpointError(f"checkpoint {path} holds a {model_label(saved)} network; this run's "
+                              f"model is {model_label(model)}: expected a checkpoint of the same model "
+                              "(or set model= to match it)")
+
+
 def starting_weights(path: str | os.PathLike[str], model: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The state dict (module names of the wrapped network) a training stage starts from:
     a cnnft checkpoint of the same model (``pretrained=``) or a plain state dict file
@@ -203,11 +216,7 @@ def starting_weights(path: str | os.PathLike[str], model: Mapping[str, Any]) -> 
     ckpt = read_checkpoint(path)
     if "cnnft" not in ckpt:
         return read_weights(path)
-    saved = (ckpt["cnnft"].get("config") or {}).get("model") or {}
-    if (family(saved), model_label(saved)) != (family(model), model_label(model)):
-        raise CheckpointError(f"checkpoint {path} holds a {model_label(saved)} network; this run's "
-                              f"model is {model_label(model)}: expected a checkpoint of the same model "
-                              "(or set model= to match it)")
+    check_same_model(ckpt, path, model)
     prefix = "module."
     return {k[len(prefix):]: v for k, v in model_state(ckpt, path).items() if k.startswith(prefix)}
 
@@ -247,7 +256,6 @@ def wrap_weights(path: str | os.PathLike[str], model: Mapping[str, Any]) -> dict
             "global_step": None}
 
 
-__all__ = ["FAMILIES", "build_network", "family", "head_name", "load_state", "model_label",
-           "read_weights", "replace_head", "starting_weights", "torchvision_builder", "training_network",
-           "validate_model", "wrap_weights"]
-
+__all__ = ["FAMILIES", "build_network", "check_same_model", "family", "head_name", "load_state",
+           "model_label", "read_weights", "replace_head", "starting_weights", "torchvision_builder",
+           "training_network", "validate_model", "wrap_weights"]
