@@ -56,7 +56,7 @@ class CaffeNetModule(L.LightningModule):
             for other models.
         optim: ``lr``, ``momentum``, ``weight_decay``, ``lr_step``, ``gamma``, and ``lr_mult``
             (layer -> multiplier; fine-tuning gives the new fc8 10x).
-        freeze: a ``FreezeScheme`` as a dict (``name``, ``frozen``, ``reinit``).
+        freeze: a ``FreezeScheme`` as a dict (``name``, ``frozen``, ``reinit``, ``upto``).
         pretrained: checkpoint whose weights initialise every layer but fc8, or None.
         pretrained_format: its layout, ``cnnft`` or ``caffe`` (``cnnft.checkpoint.pretrained_state``).
         channels_last: run convolutions in NHWC memory format (faster on CPU).

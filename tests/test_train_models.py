@@ -262,3 +262,19 @@ def test_a_state_dict_of_another_model_is_wrapped_for_analysis(tmp_path: Path, d
     torch.save({"fc.weight": torch.zeros(7, 32)}, weights)
     with pytest.raises(CheckpointError, match=r"do not fit the model: missing keys \['block.0.bias'"):
         wrap_state_dict(read_checkpoint(weights), weights, node)
+
+
+def test_a_run_from_before_the_model_group_resumes() -> None:
+    """Resuming compares the run's identity keys; keys introduced since (freeze.upto,
+    model.conv_layers, ...) at their old value do not make an older run another one."""
+    from cnnft.train import RUN_IDENTITY, _select, without_introduced
+
+    saved = {"freeze": {"name": "fc", "frozen": ["conv1"], "reinit": ["fc6"]}, "model": {"width": 0.25}}
+    now = {"freeze": {**saved["freeze"], "upto": None},
+           "model": {"width": 0.25, "family": "caffenet", "fc_layers": ["fc6", "fc7"],
+                     "conv_layers": ["conv1", "conv2", "conv3", "conv4", "conv5"]}}
+    kept = without_introduced(now, saved)
+    assert all(_select(kept, k) == _select(saved, k) for k in RUN_IDENTITY)
+    assert now["freeze"]["upto"] is None  # the given config is not changed
+    moved = without_introduced({**now, "freeze": {**saved["freeze"], "upto": "conv3"}}, saved)
+    assert _select(moved, "freeze") != _select(saved, "freeze")  # a new value is a different run
