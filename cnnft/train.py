@@ -225,6 +225,21 @@ def save_config(cfg: DictConfig, output_dir: Path) -> None:
     atomic_write(output_dir / "config.yaml", lambda tmp: tmp.write_text(text))
 
 
+def check_network(cfg: DictConfig) -> None:
+    """A non-CaffeNet model's network, starting weights and freezing scheme, checked on the meta
+    device (no memory, no computation) before the data module (proposals) or anything else
+    runs; CaffeNet's are checked where its module is built."""
+    from cnnft.freeze import FreezeScheme, freezable, resolve
+    from cnnft.models.build import training_network
+
+    model = plain(cfg.model)
+    if family(model) == "caffenet":
+        return
+    with torch.device("meta"):
+        net = training_network(model, 2, cfg.pretrained)
+    resolve(net, FreezeScheme(**plain(cfg.freeze), valid=freezable(net)))
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Run one stage; return the final metrics and the objects used."""
     output_dir = Path(cfg.paths.output_dir)
@@ -236,6 +251,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                           "outputs/pretrain/<run>/checkpoints/last.ckpt) or a CaffeNet state dict"
                           + ("" if caffenet else " (or model.weights=PATH: a state dict of the model)"))
     ckpt_path = resume_checkpoint(cfg, output_dir)
+    check_network(cfg)
     resume_step, saved = checkpoint_state(ckpt_path)
     keep_wandb_run(cfg, saved)
     L.seed_everything(cfg.seed, workers=True)

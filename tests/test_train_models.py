@@ -168,8 +168,8 @@ def _fake_checkpoint(path: Path, model: dict) -> Path:
 
 @pytest.mark.parametrize("case", ["unknown_model", "misfit_weights", "unknown_layer", "frozen_head",
                                   "other_model_checkpoint", "caffenet_from_other_model"])
-def test_bad_training_input_is_refused_before_anything_is_written(case: str, tiny_cfg,
-                                                                  tmp_path: Path) -> None:
+def test_bad_training_input_is_refused_before_anything_is_written(case: str, tiny_cfg, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     misfit = tmp_path / "misfit.pth"
     torch.save(SmallNet(channels=4).state_dict(), misfit)
     caffenet = _fake_checkpoint(tmp_path / "c.ckpt", {"family": "caffenet"})
@@ -191,6 +191,13 @@ def test_bad_training_input_is_refused_before_anything_is_written(case: str, tin
             tmp_path / "r.ckpt", {"family": "torchvision", "name": "resnet18"}))], CheckpointError,
             r"r.ckpt holds a resnet18 network; this run's model is caffenet"),
     }[case]
+    if case != "caffenet_from_other_model":  # another model is checked before the data are touched
+        import cnnft.train
+
+        def too_late(_cfg: object) -> None:
+            raise AssertionError("the data were prepared before the model was checked")
+
+        monkeypatch.setattr(cnnft.train, "prepare_demo_data", too_late)
     out = tmp_path / "run"
     with pytest.raises(error, match=message):
         train(tiny_cfg(*over, *SHORT, output_dir=out))
