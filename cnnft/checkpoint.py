@@ -204,7 +204,12 @@ def wrap_state_dict(ckpt: dict[str, Any], path: str | os.PathLike[str], model: d
     """A loaded ``pretrained=`` file as a cnnft checkpoint (what ``cnnft-analyze`` reads): its
     CaffeNet state dict in cnnft's layout (``pretrained_state``: ``fmt="caffe"`` flips conv1 from
     BGR), the architecture from ``model`` (the ``model`` config node: ``width``, ``input_size``)
-    and the number of classes of its fc8, the model config, and the file it came from."""
+    and the number of classes of its fc8, the model config, and the file it came from. Another
+    model (``model.family``): ``cnnft.models.build.wrap_weights``."""
+    from cnnft.models.build import family, wrap_weights
+
+    if family(model) != "caffenet":
+        return wrap_weights(path, model)
     state = pretrained_state(ckpt, path, fmt)
     arch = {"width": model["width"], "input_size": model["input_size"],
             "num_classes": int(state["fc8.weight"].shape[0])}

@@ -1,4 +1,10 @@
-"""The LightningModule that trains CaffeNet: pretraining (N-way) and fine-tuning (21-way).
+"""The LightningModule that trains a network: pretraining (N-way) and fine-tuning (21-way).
+
+CaffeNet (the default ``model``) is built from ``net``; any other model (``conf/model``) by
+``cnnft.models.build.training_network``: pretraining gives it a head as wide as the data's
+classes, fine-tuning loads ``pretrained=`` (a cnnft checkpoint of the same model, or a state
+dict file; else ``model.weights``) into every layer but the head and gives it a new 21-way head.
+The recipe's ``lr_mult: {fc8: 10}`` applies to that head (``cnnft.optim.layer_multipliers``).
 
 Logged keys:
 
@@ -32,46 +38,58 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cnnft import __version__
-from cnnft.checkpoint import check_pretrained_format, load_pretrained
+from cnnft.checkpoint import check_pretrained_format, load_pretrained, read_checkpoint
 from cnnft.data.sampling import rng_for
-from cnnft.freeze import FreezeScheme, apply_freeze, frozen_modules
+from cnnft.freeze import FreezeScheme, apply_freeze, freezable, frozen_modules, head_of
+from cnnft.models.build import check_same_model, family, model_label, training_network
 from cnnft.models.caffenet import CaffeNet
 from cnnft.models.dropout import global_batch_rows, use_global_batch_dropout
 from cnnft.optim import caffe_sgd
 
 
 class CaffeNetModule(L.LightningModule):
-    """CaffeNet + Caffe's solver + a freezing scheme.
+    """A network (CaffeNet unless ``model`` says otherwise) + Caffe's solver + a freezing scheme.
 
     Args:
         num_classes: fc8 width (from the data module).
-        net: ``CaffeNet`` keyword arguments (``width``, ``input_size``, ``dropout``).
+        net: ``CaffeNet`` keyword arguments (``width``, ``input_size``, ``dropout``); unused
+            for other models.
         optim: ``lr``, ``momentum``, ``weight_decay``, ``lr_step``, ``gamma``, and ``lr_mult``
             (layer -> multiplier; fine-tuning gives the new fc8 10x).
-        freeze: a ``FreezeScheme`` as a dict (``name``, ``frozen``, ``reinit``).
+        freeze: a ``FreezeScheme`` as a dict (``name``, ``frozen``, ``reinit``, ``upto``).
         pretrained: checkpoint whose weights initialise every layer but fc8, or None.
         pretrained_format: its layout, ``cnnft`` or ``caffe`` (``cnnft.checkpoint.pretrained_state``).
         channels_last: run convolutions in NHWC memory format (faster on CPU).
         seed: base of the per-step dropout seeds (exact resume).
         run_config: the resolved run config, stored in every checkpoint.
+        model: the resolved ``model`` node (``conf/model``); None: CaffeNet.
     """
 
     def __init__(self, num_classes: int, net: dict[str, Any], optim: dict[str, Any],
                  freeze: dict[str, Any] | None = None, pretrained: str | None = None,
                  pretrained_format: str = "cnnft", channels_last: bool = True, seed: int = 0,
-                 run_config: dict[str, Any] | None = None) -> None:
+                 run_config: dict[str, Any] | None = None, model: dict[str, Any] | None = None) -> None:
         super().__init__()
-        check_pretrained_format(pretrained_format)
-        self.net = CaffeNet(num_classes, **net)
-        use_global_batch_dropout(self.net)
-        if pretrained:
-            load_pretrained(self.net, pretrained, fmt=pretrained_format)
-        self.scheme = FreezeScheme(**(freeze or {}))
-        apply_freeze(self.net, self.scheme)
+        model = dict(model or {"family": "caffenet"})
+        if family(model) == "caffenet":
+            check_pretrained_format(pretrained_format)
+            self.net = CaffeNet(num_classes, **net)
+            use_global_batch_dropout(self.net)
+            if pretrained:
+                check_same_model(read_checkpoint(pretrained), pretrained, model)
+                load_pretrained(self.net, pretrained, fmt=pretrained_format)
+            self.arch = {"width": self.net.width, "input_size": self.net.input_size,
+                         "num_classes": num_classes}
+        else:
+            self.net = training_network(model, num_classes, pretrained)
+            use_global_batch_dropout(self.net)
+            self.arch = {"family": family(model), "name": model_label(model),
+                         "input_size": self.net.input_size, "num_classes": num_classes,
+                         "head": head_of(self.net)}
+        self.scheme = FreezeScheme(**(freeze or {}), valid=freezable(self.net))
+        self.frozen_layers = apply_freeze(self.net, self.scheme)
         self.optim_cfg, self.seed, self.channels_last = dict(optim), seed, channels_last
         self.run_config = run_config or {}
-        self.arch = {"width": self.net.width, "input_size": self.net.input_size,
-                     "num_classes": num_classes}
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.val_loss = MeanMetric()
@@ -85,7 +103,7 @@ class CaffeNetModule(L.LightningModule):
     def train(self, mode: bool = True) -> CaffeNetModule:
         """Frozen layers stay in eval mode whatever Lightning asks."""
         super().train(mode)
-        for module in frozen_modules(self.net, self.scheme.frozen):
+        for module in frozen_modules(self.net, self.frozen_layers):
             module.eval()
         return self
 
@@ -146,5 +164,7 @@ class CaffeNetModule(L.LightningModule):
         checkpoint["cnnft"] = {"version": __version__, "arch": self.arch,
                                "freeze": {"name": self.scheme.name,
                                           "frozen": list(self.scheme.frozen),
-                                          "reinit": list(self.scheme.reinit)},
+                                          "reinit": list(self.scheme.reinit),
+                                          **({"upto": self.scheme.upto, "resolved": self.frozen_layers}
+                                             if self.scheme.upto else {})},
                                "config": self.run_config}

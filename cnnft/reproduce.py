@@ -68,7 +68,7 @@ from cnnft.cli import HINTS, command, missing_values
 from cnnft.errors import CheckpointError, ConfigError
 from cnnft.hashing import stable_hash
 from cnnft.io import atomic_write
-from cnnft.models.build import family, model_label
+from cnnft.models.build import validate_model
 from cnnft.reproduce_state import (
     ROOT,
     Digests,
@@ -391,9 +391,7 @@ def reproduce(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, dict[
     ``blocked``) with its wall time and error. Also written to ``<root>/reproduce.json``."""
     from rich.console import Console
 
-    if family(cfg.model) != "caffenet":
-        raise ConfigError(f"cnnft-reproduce trains CaffeNet only so far; model={model_label(cfg.model)} "
-                          "can be analysed with cnnft-analyze (checkpoint=weights or checkpoint=random)")
+    validate_model(cfg.model)
     pipeline = Pipeline(cfg, list(overrides))
     root = pipeline.root
     console = Console(stderr=True)

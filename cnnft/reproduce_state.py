@@ -28,6 +28,7 @@ from cnnft.checkpoint import model_state, read_checkpoint
 from cnnft.errors import CheckpointError
 from cnnft.hashing import file_digest, files_fingerprint, model_digest, stable_hash
 from cnnft.io import write_json
+from cnnft.models.build import model_label
 from cnnft.train import CONF_DIR
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ INTRODUCED: dict[str, Any] = {
     "model.family": "caffenet", "model.name": "caffenet", "model.input_std": None,
     "model.weights": None, "model.first_conv": "conv1", "model.unit_layer": "pool5",
     "model.probe_layers": ["pool1", "pool2", "relu3", "relu4", "pool5", "relu6", "relu7"],
+    "model.conv_layers": ["conv1", "conv2", "conv3", "conv4", "conv5"], "model.fc_layers": ["fc6", "fc7"],
+    "freeze.upto": None,
 }
 
 
@@ -216,10 +219,11 @@ def now() -> str:
 
 
 def run_info(cfg: DictConfig) -> dict[str, Any]:
-    """What the report's header states about the run: scale, data roots, pretrained weights."""
+    """What the report's header states about the run: scale, model, data roots, pretrained weights."""
     data = OmegaConf.select(cfg, "data", default={}) or {}
     return {"scale": str(cfg.scale.name), "imagenet_root": str(data.get("imagenet_root", "")),
-            "voc_root": str(data.get("voc_root", "")), "pretrained": cfg.pretrained}
+            "voc_root": str(data.get("voc_root", "")), "pretrained": cfg.pretrained,
+            "model": model_label(cfg.model)}
 
 
 def call_info(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]:

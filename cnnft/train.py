@@ -25,7 +25,7 @@ from cnnft.cli import command, require
 from cnnft.data.demo import DemoSpec, generate_demo
 from cnnft.errors import CnnftError, ConfigError
 from cnnft.io import atomic_write
-from cnnft.models.build import family, model_label
+from cnnft.models.build import family, validate_model
 from cnnft.task import task_wrapper
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,24 @@ def _select(cfg: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+def without_introduced(now: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """``now`` without the keys that came later (``cnnft.reproduce_state.INTRODUCED``) where
+    ``saved`` lacks them and ``now`` holds the value every run had before them: a run started
+    before they existed resumes."""
+    import copy
+
+    from cnnft.reproduce_state import INTRODUCED
+
+    now = copy.deepcopy(now)
+    for dotted, old in INTRODUCED.items():
+        *parents, last = dotted.split(".")
+        node, kept = _select(now, ".".join(parents)), _select(saved, ".".join(parents))
+        if (isinstance(node, dict) and isinstance(kept, dict) and last in node and last not in kept
+                and node[last] == old):
+            node.pop(last)
+    return now
+
+
 def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Path | None:
     """The checkpoint to resume from, after checking the directory holds this same run."""
     last = output_dir / "checkpoints" / "last.ckpt"
@@ -89,7 +107,7 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Path | None:
     saved = read_checkpoint(last, mmap=True).get("cnnft", {}).get("config")
     if saved is None:
         raise ConfigError(f"{last} is not a cnnft checkpoint; cannot resume from it")
-    now = plain(cfg)
+    now = without_introduced(plain(cfg), saved)
     differ = [k for k in RUN_IDENTITY if _select(saved, k) != _select(now, k)]
     if differ:
         raise ConfigError(f"{output_dir} holds another run: its config differs from this one in "
@@ -207,17 +225,33 @@ def save_config(cfg: DictConfig, output_dir: Path) -> None:
     atomic_write(output_dir / "config.yaml", lambda tmp: tmp.write_text(text))
 
 
+def check_network(cfg: DictConfig) -> None:
+    """A non-CaffeNet model's network, starting weights and freezing scheme, checked on the meta
+    device (no memory, no computation) before the data module (proposals) or anything else
+    runs; CaffeNet's are checked where its module is built."""
+    from cnnft.freeze import FreezeScheme, freezable, resolve
+    from cnnft.models.build import training_network
+
+    model = plain(cfg.model)
+    if family(model) == "caffenet":
+        return
+    with torch.device("meta"):
+        net = training_network(model, 2, cfg.pretrained)
+    resolve(net, FreezeScheme(**plain(cfg.freeze), valid=freezable(net)))
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Run one stage; return the final metrics and the objects used."""
     output_dir = Path(cfg.paths.output_dir)
     require(cfg, "datamodule", *(["data.voc_root"] if cfg.get("analyses") else []))
-    if family(cfg.model) != "caffenet":
-        raise ConfigError(f"cnnft-train trains CaffeNet only so far; model={model_label(cfg.model)} "
-                          "can be analysed with cnnft-analyze (checkpoint=weights or checkpoint=random)")
-    if cfg.stage.name == "finetune" and not cfg.pretrained:
+    validate_model(cfg.model)
+    caffenet = family(cfg.model) == "caffenet"
+    if cfg.stage.name == "finetune" and not (cfg.pretrained or (not caffenet and cfg.model.get("weights"))):
         raise ConfigError("stage=finetune needs pretrained=PATH: a cnnft checkpoint (e.g. "
-                          "outputs/pretrain/<run>/checkpoints/last.ckpt) or a CaffeNet state dict")
+                          "outputs/pretrain/<run>/checkpoints/last.ckpt) or a CaffeNet state dict"
+                          + ("" if caffenet else " (or model.weights=PATH: a state dict of the model)"))
     ckpt_path = resume_checkpoint(cfg, output_dir)
+    check_network(cfg)
     resume_step, saved = checkpoint_state(ckpt_path)
     keep_wandb_run(cfg, saved)
     L.seed_everything(cfg.seed, workers=True)
@@ -226,7 +260,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     prepare_demo_data(cfg)
     datamodule = build(cfg.datamodule)
     module = build(cfg.module, num_classes=datamodule.num_classes, freeze=plain(cfg.freeze),
-                         run_config=plain(cfg), _convert_="all", _recursive_=False)
+                   model=plain(cfg.model), run_config=plain(cfg), _convert_="all", _recursive_=False)
     loggers = build_loggers(cfg, output_dir, resume_step)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers,
                                      plugins=[AtomicCheckpointIO()])

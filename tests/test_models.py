@@ -32,7 +32,7 @@ class SmallNet(nn.Module):
     def __init__(self, channels: int = 8, num_classes: int = 10) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, channels, 5, stride=2)
-        self.act = nn.ReLU(inplace=True)
+        self.act = nn.ReLU()  # not in place: it also runs on the block's ReLU output (training)
         self.block = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU())
         self.pool = nn.AdaptiveAvgPool2d(2)
         self.fc = nn.Linear(4 * channels, num_classes)
@@ -170,15 +170,6 @@ def test_checkpoint_weights_needs_model_weights(tmp_path: Path, data_dir: Path):
     with pytest.raises(ConfigError, match=r"checkpoint=weights analyses the file in model.weights, which "
                                           r"is not set"):
         load_network("weights", cfg)
-
-
-def test_training_another_network_is_refused_before_anything_is_written(tiny_cfg, tmp_path: Path):
-    from cnnft.train import train
-
-    out = tmp_path / "run"
-    with pytest.raises(ConfigError, match=r"cnnft-train trains CaffeNet only so far; model=resnet50"):
-        train(tiny_cfg("model=resnet50", output_dir=out))
-    assert not out.exists()
 
 
 ANALYSES = "[probe_cls,probe_gtbox,filter_entropy,unit_selectivity,unit_count,detection,filter_viz]"

@@ -60,16 +60,22 @@ def torchvision_builder(name: str) -> Any:
     return tvm.get_model_builder(name)
 
 
-def _custom(model: Mapping[str, Any]) -> nn.Module:
+def custom_factory(model: Mapping[str, Any]) -> Any:
+    """The class (or factory) ``model._target_`` names, or a ConfigError."""
     from hydra.utils import get_object
 
     target = model.get("_target_")
     if not target or target == "???":
         raise ConfigError("model=custom needs model._target_=<module.Class> of your nn.Module")
     try:
-        factory = get_object(str(target))
+        return get_object(str(target))
     except Exception as e:  # Hydra raises ImportError or its own error types
         raise ConfigError(f"model._target_={target!r} cannot be imported: {e}") from e
+
+
+def _custom(model: Mapping[str, Any]) -> nn.Module:
+    target = model.get("_target_")
+    factory = custom_factory(model)
     module = factory(**dict(model.get("kwargs") or {}))
     if not isinstance(module, nn.Module):
         raise ConfigError(f"model._target_={target!r} built a {type(module).__name__}; expected an nn.Module")
@@ -158,13 +164,14 @@ def head_name(net: TappedNet) -> str:
     return linear[-1]
 
 
-def replace_head(net: TappedNet, num_classes: int) -> str:
-    """Give ``net`` a new classifier of ``num_classes`` outputs (kept if it has that width already)."""
+def replace_head(net: TappedNet, num_classes: int, *, fresh: bool = False) -> str:
+    """Give ``net`` a new classifier of ``num_classes`` outputs (kept if it has that width already,
+    unless ``fresh``: fine-tuning's new head)."""
     name = head_name(net)
     old = net.module.get_submodule(name)
     if not isinstance(old, nn.Linear):
         raise ConfigError(f"model.head={name!r} is a {type(old).__name__}; expected an nn.Linear")
-    if old.out_features == num_classes:
+    if old.out_features == num_classes and not fresh:
         return name
     new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
     with torch.no_grad():
@@ -177,6 +184,78 @@ def replace_head(net: TappedNet, num_classes: int) -> str:
     return name
 
 
-__all__ = ["FAMILIES", "build_network", "family", "head_name", "load_state", "model_label",
-           "read_weights", "replace_head", "torchvision_builder"]
+def validate_model(model: Mapping[str, Any]) -> None:
+    """Check the ``model`` node names a model that exists (family, torchvision name, importable
+    ``_target_``) without building it: a clear error before a run writes anything."""
+    fam = family(model)
+    if fam == "torchvision":
+        torchvision_builder(str(model.get("name")))
+    elif fam == "custom":
+        custom_factory(model)
 
+
+def check_same_model(ckpt: Mapping[str, Any], path: str | os.PathLike[str], model: Mapping[str, Any]) -> None:
+    """Raise unless the cnnft checkpoint ``ckpt`` holds a network of ``model`` (family and name;
+    checkpoints from before the model group hold CaffeNet)."""
+    info = ckpt.get("cnnft")
+    if not isinstance(info, Mapping):
+        return
+    saved = (info.get("config") or {}).get("model") or {}
+    if (family(saved), model_label(saved)) != (family(model), model_label(model)):
+        raise CheckpointError(f"checkpoint {path} holds a {model_label(saved)} network; this run's "
+                              f"model is {model_label(model)}: expected a checkpoint of the same model "
+                              "(or set model= to match it)")
+
+
+def starting_weights(path: str | os.PathLike[str], model: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict (module names of the wrapped network) a training stage starts from:
+    a cnnft checkpoint of the same model (``pretrained=``) or a plain state dict file
+    (``model.weights``, or ``pretrained=`` naming one)."""
+    from cnnft.checkpoint import model_state, read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    if "cnnft" not in ckpt:
+        return read_weights(path)
+    check_same_model(ckpt, path, model)
+    prefix = "module."
+    return {k[len(prefix):]: v for k, v in model_state(ckpt, path).items() if k.startswith(prefix)}
+
+
+def training_network(model: Mapping[str, Any], num_classes: int,
+                     pretrained: str | os.PathLike[str] | None = None) -> TappedNet:
+    """The (non-CaffeNet) network a training stage starts from. Without weights (pretraining):
+    the model as built, its head ``num_classes`` wide. With ``pretrained`` (else ``model.weights``):
+    those weights in every layer but the head, then a new ``num_classes``-way head initialised as
+    R-CNN's fc8 (fine-tuning)."""
+    net = build_network(model, load_weights=False)
+    source = pretrained or model.get("weights")
+    if not source:
+        replace_head(net, num_classes)
+        return net
+    load_state(net.module, starting_weights(source, model), str(source), skip=(head_name(net),))
+    replace_head(net, num_classes, fresh=True)
+    return net
+
+
+def wrap_weights(path: str | os.PathLike[str], model: Mapping[str, Any]) -> dict[str, Any]:
+    """A state dict file of ``model`` (or a cnnft checkpoint of it) as a cnnft checkpoint that
+    ``cnnft-analyze`` reads: the network's weights under ``net.module.``, the architecture (head
+    width from the file), the model config and the source file. Checked against the model."""
+    state = starting_weights(path, model)
+    net = build_network(model, load_weights=False)
+    head = head_name(net)
+    if f"{head}.weight" not in state:
+        raise CheckpointError(f"weights {path} have no {head}.weight (the head of {model_label(model)}); "
+                              "expected a state dict of the whole network")
+    replace_head(net, int(state[f"{head}.weight"].shape[0]))
+    load_state(net.module, state, str(path))
+    arch = {"family": family(model), "name": model_label(model), "input_size": net.input_size,
+            "num_classes": int(state[f"{head}.weight"].shape[0]), "head": head}
+    return {"cnnft": {"arch": arch, "config": {"model": dict(model)}, "source": str(path)},
+            "state_dict": {f"net.module.{k}": v for k, v in net.module.state_dict().items()},
+            "global_step": None}
+
+
+__all__ = ["FAMILIES", "build_network", "check_same_model", "family", "head_name", "load_state",
+           "model_label", "read_weights", "replace_head", "starting_weights", "torchvision_builder",
+           "training_network", "validate_model", "wrap_weights"]

@@ -47,7 +47,8 @@ class TappedNet(nn.Module):
         super().__init__()
         self.module = module
         self.input_size, self.family, self.model_name, self.head = int(input_size), family, name, head
-        std = torch.tensor([1.0, 1.0, 1.0] if input_std is None else list(input_std), dtype=torch.float32)
+        std = torch.tensor([1.0, 1.0, 1.0] if input_std is None else list(input_std), dtype=torch.float32,
+                           device="cpu")  # checked on the host even when built on the meta device
         if std.shape != (3,) or not bool((std > 0).all()):
             raise ConfigError(f"model.input_std={input_std}; expected three positive floats (0-255 scale)")
         self.register_buffer("input_std", std.view(1, 3, 1, 1), persistent=False)

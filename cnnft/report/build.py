@@ -47,12 +47,18 @@ def header_md(res: Results) -> str:
     calls = info.get("calls") or []
     commits = ", ".join(dict.fromkeys(str(c["commit"]) for c in calls if c.get("commit")))
     scale = info.get("scale") or "unknown"
+    model = str(info.get("model") or "caffenet")
     lines = ["# Reproduction report: Agrawal, Girshick, Malik 2014", ""]
+    if model != "caffenet":
+        lines += [f"> **Model: {model}.** The paper used CaffeNet: every paper number here (in "
+                  "parentheses, and the claims' \"paper's numbers\") is CaffeNet's. Table rows named after "
+                  "CaffeNet's layers (pool1 ... relu7) read `n/a` where this model has no layer of that "
+                  "name; its own layers' results are in the analyses' `results/` files.", ""]
     if scale != "paper":
         lines += [f"> **Scale: {scale}.** These numbers come from the `{scale}` setting (a small network on "
                   "generated data), not from the paper's setup; they show that the pipeline runs and what it "
                   "measures, and are not comparable to the paper's numbers in parentheses.", ""]
-    facts = [("scale", scale), ("ImageNet root", info.get("imagenet_root") or "n/a"),
+    facts = [("scale", scale), ("model", model), ("ImageNet root", info.get("imagenet_root") or "n/a"),
              ("VOC 2007 root", info.get("voc_root") or "n/a"),
              ("git commit", commits or info.get("commit") or "unknown"),
              ("run started", info.get("started") or "n/a"),
@@ -61,20 +67,23 @@ def header_md(res: Results) -> str:
              ("overrides", _overrides(calls, info)),
              ("sources", ", ".join(str(p) for p in res.sources))]
     lines += [_md_table(["", ""], [[f"**{k}**", f"`{v}`"] for k, v in facts]), "",
-              "Cells read **ours (paper)**: our number, then the paper's in parentheses; `n/a` = we have "
-              "no result for that cell, `-` = the paper gives none.", ""]
+              "Cells read **ours (paper)**: our number, then the paper's in parentheses"
+              + ("" if model == "caffenet" else " (CaffeNet's: the paper used CaffeNet)")
+              + "; `n/a` = we have no result for that cell, `-` = the paper gives none.", ""]
     return "\n".join(lines)
 
 
-def claims_md(claims: list[ClaimResult]) -> str:
+def claims_md(claims: list[ClaimResult], model: str = "caffenet") -> str:
     rows = [[c.claim.text, c.claim.section, f"**{ClaimResult.word(c.ours[0])}**: {c.ours[1]}",
              f"{ClaimResult.word(c.paper[0])}: {c.paper[1]}"] for c in claims]
+    other, paper = ("", "") if model == "caffenet" else (f" ({model})", " (CaffeNet)")
     held = sum(c.ours[0] is True for c in claims)
     checked = sum(c.ours[0] is not None for c in claims)
     return "\n".join(["## The paper's claims on this run", "",
                       f"{held} of {checked} checkable claims hold here ({len(claims) - checked} not "
                       "checkable with the results at hand).", "",
-                      _md_table(["claim", "paper section", "this run", "paper's numbers"], rows), ""])
+                      _md_table(["claim", "paper section", "this run" + other, "paper's numbers" + paper],
+                                rows), ""])
 
 
 def table_md(table: Table) -> str:
@@ -278,7 +287,8 @@ def build_report(dirs: Sequence[str | Path], out: str | Path, *, wandb: bool = F
         write_table_csv(t, out / "tables")
     margins = margin_rows(res)
     write_margins(margins, out / "tables")
-    parts = [header_md(res), claims_md(claims), baselines_md(res, margins), "## Tables", "",
+    parts = [header_md(res), claims_md(claims, str(res.info.get("model") or "caffenet")),
+             baselines_md(res, margins), "## Tables", "",
              *(table_md(t) for t in tables),
              figures_md(res, out), networks_md(res), status_md(res, missing)]
     text = "\n".join(parts)

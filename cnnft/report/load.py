@@ -25,6 +25,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from cnnft.errors import DataError
+from cnnft.models.build import model_label
 from cnnft.plotting import read_metrics_csv
 from cnnft.report.paper import network_of
 from cnnft.scores import SUFFIX
@@ -213,7 +214,7 @@ def _info_from_config(run: Path) -> dict[str, Any]:
         return {}
     data = cfg.get("data") or {}
     return {"scale": (cfg.get("scale") or {}).get("name"), "imagenet_root": data.get("imagenet_root"),
-            "voc_root": data.get("voc_root")}
+            "voc_root": data.get("voc_root"), "model": model_label(cfg.get("model") or {})}
 
 
 def split_spec(spec: str | Path) -> tuple[str | None, Path]:
