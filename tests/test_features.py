@@ -146,8 +146,8 @@ def test_appender_rows_shape_and_errors(tmp_path: Path) -> None:
         append(rows[2:].numpy())
     assert torch.equal(cache.load("k"), rows.half().float())
     assert cache.open("k").shape == (5, 3, 2)
-    with pytest.raises(ValueError, match=r"rows of shape \[3, 3\] appended to an array of rows \[3, 2\]"):
-        with cache.appender("bad") as append:
-            append(rows[:2].numpy())
-            append(torch.zeros(1, 3, 3).numpy())
+    error = r"rows of shape \[3, 3\] appended to an array of rows \[3, 2\]"
+    with pytest.raises(ValueError, match=error), cache.appender("bad") as append:
+        append(rows[:2].numpy())
+        append(torch.zeros(1, 3, 3).numpy())
     assert cache.open("bad") is None and not list(tmp_path.glob(".*"))  # nothing left behind
