@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = []
     for variant in VARIANTS:
         cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--child", variant]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout  # stderr shown
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(f"  {variant}: {rows[-1]['seconds']:.1f} s", flush=True)
     first = rows[0]
