@@ -6,6 +6,8 @@ input size minus the model's mean (``WholeImageDataset``). The network is torchv
 with random weights (``model=vgg16``, ``weights=None``), the taps ``conf/model/vgg16.yaml``'s
 ``probe_layers``. Variants, each in a fresh child process with its own empty cache folder:
 
+* ``forward-only``: the same forward passes (``forward_taps`` per batch), every output dropped:
+  the floor, what one batch's activations take.
 * ``in-memory``: the code before the change: ``extract`` holds every layer's float32 array,
   rounds a float16 copy of each to float32 and writes each with ``FeatureCache.save``.
 * ``streamed``: ``extract_cached``, which appends each batch to the cache files
@@ -32,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 MIB = 1 << 20
-VARIANTS = ("in-memory", "streamed")
+VARIANTS = ("forward-only", "in-memory", "streamed")
 
 
 def status_kib(field: str) -> int:
@@ -72,7 +74,12 @@ def child(args: argparse.Namespace) -> dict[str, object]:
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     base = status_kib("VmRSS")
     start = time.perf_counter()
-    if args.child == "streamed":
+    if args.child == "forward-only":
+        with torch.inference_mode():
+            for batch in loader:
+                net.eval().forward_taps(batch["images"], layers)
+        feats: dict[str, torch.Tensor] = {}
+    elif args.child == "streamed":
         feats = extract_cached(net, loader, layers, cache=cache, key_parts=parts)
     else:  # the code before the change, step by step
         from cnnft.hashing import layer_digests
@@ -118,18 +125,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout  # stderr shown
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(f"  {variant}: {rows[-1]['seconds']:.1f} s", flush=True)
-    first = rows[0]
+    first = rows[VARIANTS.index("streamed")]
     print(f"\nVGG16 (random weights), {first['images']} images of {args.voc_root} {args.split} at "
           f"{args.input_size}px, batch {args.batch_size}, taps {','.join(first['layers'])}")
     print("shapes: " + ", ".join(f"{n} {s[1:]}" for n, s in first["shapes"].items()))
     print(f"features: {first['float32_mib']:.0f} MiB as float32 in memory, {first['disk_mib']:.0f} MiB "
           "as float16 on disk")
-    print("| variant   | RSS before MiB | peak RSS MiB | added at peak MiB | added / float32 features | s |")
-    print("|-----------|----------------|--------------|-------------------|--------------------------|---|")
+    print("| variant      | RSS before MiB | peak RSS MiB | added at peak MiB | / float32 features | s |")
+    print("|--------------|----------------|--------------|-------------------|--------------------|---|")
     for r in rows:
-        print(f"| {r['variant']:<9} | {r['base_rss_mib']:14.0f} | {r['peak_rss_mib']:12.0f} | "
-              f"{r['added_mib']:17.0f} | {r['added_mib'] / r['float32_mib']:23.2f}x | {r['seconds']:.0f} |")
-    same = all(r["sha256"] == first["sha256"] for r in rows)
+        ratio = r["added_mib"] / first["float32_mib"]
+        print(f"| {r['variant']:<12} | {r['base_rss_mib']:14.0f} | {r['peak_rss_mib']:12.0f} | "
+              f"{r['added_mib']:17.0f} | {ratio:17.2f}x | {r['seconds']:.0f} |")
+    same = all(r["sha256"] == first["sha256"] for r in rows if r["variant"] != "forward-only")
     print(f"cache files identical across variants: {same}; load average {os.getloadavg()[0]:.2f}")
     shutil.rmtree(args.cache_root, ignore_errors=True)
 
