@@ -15,8 +15,10 @@ in-memory batches:
 
 The outputs of all three are checked equal on the first batch (which is also the warm-up). The
 variants take turns in a rotating order; medians over ``--repeats`` runs are reported as time /
-one-pass. Denormals are flushed: random-init nets hit denormals on the CPU and run several times
-slower otherwise.
+one-pass, in wall-clock time and in the process's CPU time (``time.process_time``: all its
+threads; on a machine busy with other jobs it moves less with their load than wall time does).
+Denormals are flushed: random-init nets hit denormals on the CPU and run several times slower
+otherwise.
 
 Run ``python bench/taps.py --help`` for the options.
 """
@@ -81,22 +83,25 @@ def bench(name: str, args: argparse.Namespace) -> None:
     with torch.inference_mode():
         same = check_equal({k: run() for k, run in variants(net, batches[:1], taps).items()})  # + warm-up
         runs = variants(net, batches, taps)
-        seconds: dict[str, list[float]] = {k: [] for k in runs}
+        wall: dict[str, list[float]] = {k: [] for k in runs}
+        cpu: dict[str, list[float]] = {k: [] for k in runs}
         names = list(runs)
         for r in range(args.repeats):
             for k in names[r % len(names):] + names[:r % len(names)]:
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 runs[k]()
-                seconds[k].append(time.perf_counter() - start)
+                wall[k].append(time.perf_counter() - start)
+                cpu[k].append(time.process_time() - start_cpu)
     images = args.batches * args.batch_size
-    base = statistics.median(seconds["one-pass"])
+    base, base_cpu = statistics.median(wall["one-pass"]), statistics.median(cpu["one-pass"])
     print(f"\n{name}: {images} images ({args.batches} batches of {args.batch_size}) at {size}px, "
           f"taps {','.join(taps)}; outputs {same}")
-    print("| variant  | median s | img/s  | time / one-pass |")
-    print("|----------|----------|--------|-----------------|")
-    for k, secs in seconds.items():
-        med = statistics.median(secs)
-        print(f"| {k:<8} | {med:8.2f} | {images / med:6.1f} | {med / base:14.2f}x |")
+    print("| variant  | median wall s | img/s  | wall / one-pass | median CPU s | CPU / one-pass |")
+    print("|----------|---------------|--------|-----------------|--------------|----------------|")
+    for k in runs:
+        med, med_cpu = statistics.median(wall[k]), statistics.median(cpu[k])
+        print(f"| {k:<8} | {med:13.2f} | {images / med:6.1f} | {med / base:14.2f}x | {med_cpu:12.2f} | "
+              f"{med_cpu / base_cpu:13.2f}x |")
     print(f"load average {os.getloadavg()[0]:.2f}", flush=True)
 
 
