@@ -8,6 +8,8 @@ checked to be filled exactly once (``merge_shards``).
 ``FeatureCache`` keeps each (checkpoint, data split, transform, layer) as a float16 memory-
 mapped array with a JSON manifest holding its shape and SHA-256; files are written to a
 temporary folder and renamed, and a cache whose checksum does not match is recomputed.
+``extract_cached`` streams each batch's features into the cache as it is extracted, so besides
+the float32 features it returns it holds one batch, not a second copy of every layer.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,27 @@ def _taps(model: nn.Module, images: torch.Tensor, layers: Sequence[str]) -> dict
     return net.forward_taps(images, layers)
 
 
+def _each_batch(model: nn.Module, loader: Iterable, layers: Sequence[str],
+                consume: Callable[[dict[str, torch.Tensor]], None], *,
+                device: torch.device | str | None, progress: bool, desc: str) -> None:
+    """Call ``consume`` with ``{layer: output}`` of every non-empty batch of ``loader`` (one
+    forward pass each), the model in eval mode under ``torch.inference_mode``; mode restored."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        from tqdm import tqdm
+
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch", leave=False):
+                images = _images(batch)
+                if images.numel() == 0:
+                    continue
+                consume(_taps(model, images.to(device), layers))
+    finally:
+        model.train(was_training)
+
+
 def extract(model: nn.Module, loader: Iterable, layers: Sequence[str], *,
             device: torch.device | str | None = None, progress: bool = False,
             desc: str = "features") -> dict[str, torch.Tensor]:
@@ -57,22 +80,13 @@ def extract(model: nn.Module, loader: Iterable, layers: Sequence[str], *,
     DDP with a DistributedSampler: in dataset order, gathered from all ranks).
     """
     layers = list(dict.fromkeys(layers))
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    try:
-        from tqdm import tqdm
 
-        with torch.inference_mode():
-            for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch", leave=False):
-                images = _images(batch)
-                if images.numel() == 0:
-                    continue
-                for name, value in _taps(model, images.to(device), layers).items():
-                    parts[name].append(value.float().cpu().contiguous())
-    finally:
-        model.train(was_training)
+    def keep(taps: dict[str, torch.Tensor]) -> None:
+        for name, value in taps.items():
+            parts[name].append(value.float().cpu().contiguous())
+
+    _each_batch(model, loader, layers, keep, device=device, progress=progress, desc=desc)
     out = {name: torch.cat(chunks) if chunks else torch.empty(0) for name, chunks in parts.items()}
     sampler = getattr(loader, "sampler", None)
     if isinstance(sampler, DistributedSampler) and dist.is_available() and dist.is_initialized():
@@ -147,26 +161,60 @@ class FeatureCache:
         return None if array is None else torch.from_numpy(np.asarray(array, dtype=np.float32))
 
     @contextmanager
-    def writer(self, key: str, shape: Sequence[int], **info: Any) -> Iterator[np.memmap]:
-        """Yield a writable float16 memmap of ``shape`` to fill in place (streamed: the array
-        never needs to be in memory); on success its manifest is written and the folder renamed
-        into place atomically. On error nothing is left behind."""
+    def _staging(self, key: str) -> Iterator[Path]:
+        """A temporary folder under ``root`` that the caller fills; on success it is renamed to
+        ``key``'s folder atomically, on error removed."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
         try:
-            mm = np.memmap(tmp / "features.f16", dtype=np.float16, mode="w+", shape=tuple(shape))
-            yield mm
-            mm.flush()
-            del mm
-            meta = {"shape": list(shape), "dtype": "float16",
-                    "sha256": file_digest(tmp / "features.f16"), **info}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+            yield tmp
             target = self._dir(key)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    @staticmethod
+    def _manifest(folder: Path, shape: Sequence[int], info: Mapping[str, Any]) -> None:
+        meta = {"shape": list(shape), "dtype": "float16",
+                "sha256": file_digest(folder / "features.f16"), **info}
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+
+    @contextmanager
+    def writer(self, key: str, shape: Sequence[int], **info: Any) -> Iterator[np.memmap]:
+        """Yield a writable float16 memmap of ``shape`` to fill in place (streamed: the array
+        never needs to be in memory); on success its manifest is written and the folder renamed
+        into place atomically. On error nothing is left behind."""
+        with self._staging(key) as tmp:
+            mm = np.memmap(tmp / "features.f16", dtype=np.float16, mode="w+", shape=tuple(shape))
+            yield mm
+            mm.flush()
+            del mm
+            self._manifest(tmp, shape, info)
+
+    @contextmanager
+    def appender(self, key: str, **info: Any) -> Iterator[Callable[[np.ndarray], None]]:
+        """Yield ``append(rows)``: each call adds ``rows`` (``[n, ...]``, stored as float16) to the
+        end of ``key``'s array, handed to the OS at once, so only one batch is ever in memory and
+        the number of rows need not be known in advance. On success the manifest is written and
+        the folder renamed into place atomically; on error nothing is left behind."""
+        with self._staging(key) as tmp:
+            shape: list[int] = []
+            with open(tmp / "features.f16", "wb") as f:
+                def append(rows: np.ndarray) -> None:
+                    rows = np.ascontiguousarray(rows, dtype=np.float16)
+                    if not shape:
+                        shape[:] = [0, *rows.shape[1:]]
+                    elif list(rows.shape[1:]) != shape[1:]:
+                        raise ValueError(f"feature cache {key}: rows of shape {list(rows.shape[1:])} "
+                                         f"appended to an array of rows {shape[1:]}")
+                    f.write(rows.tobytes())
+                    f.flush()
+                    shape[0] += len(rows)
+
+                yield append
+            self._manifest(tmp, shape or [0], info)
 
     def save(self, key: str, features: torch.Tensor, **info: Any) -> None:
         """Write ``features`` as float16 with its manifest, atomically (temp folder + rename)."""
@@ -189,13 +237,42 @@ def extract_cached(model: nn.Module, loader: DataLoader, layers: Sequence[str], 
             if (cached := cache.load(keys[name])) is not None:
                 found[name] = cached
     missing = [name for name in layers if name not in found]
-    if missing:
+    if missing and cache is not None and not (dist.is_available() and dist.is_initialized()):
+        found.update(_extract_to_cache(model, loader, missing, cache, keys, key_parts, digests,
+                                       progress=progress, desc=desc))
+    elif missing:
         fresh = extract(model, loader, missing, progress=progress, desc=desc)
         if cache is not None:
             # the values a later run will load: results do not depend on whether it was cached
             fresh = {name: value.half().float() for name, value in fresh.items()}
-            if not dist.is_initialized() or dist.get_rank() == 0:
+            if dist.get_rank() == 0:
                 for name in missing:
                     cache.save(keys[name], fresh[name], layer=name, **{**key_parts, "model": digests[name]})
         found.update(fresh)
     return {name: found[name] for name in layers}
+
+
+def _extract_to_cache(model: nn.Module, loader: Iterable, layers: Sequence[str], cache: FeatureCache,
+                      keys: Mapping[str, str], key_parts: Mapping[str, Any], digests: Mapping[str, str],
+                      *, progress: bool, desc: str) -> dict[str, torch.Tensor]:
+    """Extract ``layers`` straight into ``cache``, one batch at a time (memory: one batch, not every
+    layer's whole float32 array), then load them: the float16 values a later run loads."""
+    layers = list(dict.fromkeys(layers))
+    with ExitStack() as stack:
+        sinks = {name: stack.enter_context(
+            cache.appender(keys[name], layer=name, **{**key_parts, "model": digests[name]}))
+            for name in layers}
+
+        def write(taps: dict[str, torch.Tensor]) -> None:
+            for name, value in taps.items():
+                sinks[name](value.detach().to(torch.float16).cpu().numpy())
+
+        _each_batch(model, loader, layers, write, device=None, progress=progress, desc=desc)
+    out: dict[str, torch.Tensor] = {}
+    for name in layers:
+        loaded = cache.load(keys[name])
+        if loaded is None:
+            raise RuntimeError(f"feature cache {cache.root / keys[name]} vanished right after writing "
+                               f"layer {name}")
+        out[name] = loaded
+    return out

@@ -54,10 +54,11 @@ def files_and_arrays_digest(paths: Iterable[str | os.PathLike[str]], arrays: Ite
 
 
 def _update(h: Any, state: Mapping[str, torch.Tensor]) -> None:
-    """Feed ``h`` each tensor's name and bytes, in sorted name order."""
+    """Feed ``h`` each tensor's name and bytes, in sorted name order (the tensor's own buffer: no
+    copy of VGG16's 392 MiB fc6 weight)."""
     for name, tensor in sorted(state.items()):
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        h.update(tensor.detach().cpu().contiguous().numpy().reshape(-1))
 
 
 def layer_digests(model: nn.Module) -> dict[str, str]:

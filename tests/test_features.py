@@ -115,3 +115,39 @@ def test_networks_sharing_their_first_layers_share_cached_features(net: CaffeNet
     assert len(list(tmp_path.iterdir())) == 3  # one new entry: relu7
     assert torch.equal(first["pool5"], second["pool5"])
     assert not torch.allclose(first["relu7"], second["relu7"])
+
+
+def test_extract_cached_streams_each_batch_into_the_cache(net: CaffeNet, loader: DataLoader,
+                                                          tmp_path: Path) -> None:
+    """While batch k is extracted the cache files already hold the rows of batches 1..k-1, and the
+    values are those of ``extract`` rounded to float16 (the numbers of the in-memory path)."""
+    cache = FeatureCache(tmp_path)
+    layers = ["pool2", "pool5", "relu7"]
+    written: list[list[int]] = []
+    net.conv1.register_forward_hook(
+        lambda *a: written.append(sorted(p.stat().st_size for p in tmp_path.glob(".*/features.f16"))))
+    got = extract_cached(net, loader, layers, cache=cache, key_parts={"data": "test"})
+    expected = {name: value.half().float() for name, value in extract(net, loader, layers).items()}
+    written = written[:3]  # the second extraction's calls come after the cache is in place
+    row_bytes = sorted(2 * expected[name][0].numel() for name in layers)
+    assert written == [[0, 0, 0], [4 * b for b in row_bytes], [8 * b for b in row_bytes]]
+    assert not list(tmp_path.glob(".*"))  # staging folders renamed into place
+    for name in layers:
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], expected[name])
+        key = FeatureCache.key(layer=name, data="test", model=layer_digests(net)[name])
+        assert torch.equal(cache.load(key), expected[name])
+
+
+def test_appender_rows_shape_and_errors(tmp_path: Path) -> None:
+    cache = FeatureCache(tmp_path)
+    rows = torch.randn(5, 3, 2)
+    with cache.appender("k", layer="x") as append:
+        append(rows[:2].numpy())
+        append(rows[2:].numpy())
+    assert torch.equal(cache.load("k"), rows.half().float())
+    assert cache.open("k").shape == (5, 3, 2)
+    error = r"rows of shape \[3, 3\] appended to an array of rows \[3, 2\]"
+    with pytest.raises(ValueError, match=error), cache.appender("bad") as append:
+        append(rows[:2].numpy())
+        append(torch.zeros(1, 3, 3).numpy())
+    assert cache.open("bad") is None and not list(tmp_path.glob(".*"))  # nothing left behind
