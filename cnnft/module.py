@@ -89,6 +89,10 @@ class CaffeNetModule(L.LightningModule):
         self.scheme = FreezeScheme(**(freeze or {}), valid=freezable(self.net))
         self.frozen_layers = apply_freeze(self.net, self.scheme)
         self.optim_cfg, self.seed, self.channels_last = dict(optim), seed, channels_last
+        # the layer lr_mult's `first_conv` key names (the demo recipe's conv1 x10)
+        first = model.get("first_conv")
+        self.first_conv = first if first not in (None, "???") else (
+            "conv1" if family(model) == "caffenet" else None)
         self.run_config = run_config or {}
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -158,7 +162,7 @@ class CaffeNetModule(L.LightningModule):
             self.log("val/top5", self.val_top5)
 
     def configure_optimizers(self) -> dict:
-        return caffe_sgd(self.net, **self.optim_cfg)
+        return caffe_sgd(self.net, **self.optim_cfg, first_conv=self.first_conv)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["cnnft"] = {"version": __version__, "arch": self.arch,

@@ -15,16 +15,24 @@ from cnnft.freeze import covers, head_of, inner, parameterised
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
-def layer_multipliers(model: nn.Module, lr_mult: Mapping[str, float]) -> dict[str, float]:
+def layer_multipliers(model: nn.Module, lr_mult: Mapping[str, float],
+                      first_conv: str | None = None) -> dict[str, float]:
     """Each parameterised layer's lr multiplier: the value of the most specific key of
     ``lr_mult`` naming it or a module above it (1 without). The key ``head`` names the model's
     classifier; so does ``fc8`` (CaffeNet's head, the fine-tuning recipe's key) on a model
-    without a layer of that name. Unknown keys are an error listing the valid names."""
+    without a layer of that name; ``first_conv`` names ``first_conv`` (the model config's
+    ``first_conv``: conv1 in CaffeNet, the demo recipe's key). Unknown keys are an error listing
+    the valid names."""
     layers = parameterised(model)
     names = [n for n, _ in inner(model).named_modules() if n]
     head = head_of(model)
 
     def target(key: str) -> str:
+        if key == "first_conv":
+            if not first_conv:
+                raise ConfigError("module.optim.lr_mult names first_conv, but the model config sets "
+                                  "no first_conv; expected model.first_conv=<its first convolution>")
+            return first_conv
         return head if key == "head" or (key == "fc8" and "fc8" not in names) else key
 
     keys = {target(k): float(v) for k, v in lr_mult.items()}
@@ -40,7 +48,7 @@ def layer_multipliers(model: nn.Module, lr_mult: Mapping[str, float]) -> dict[st
 
 
 def param_groups(model: nn.Module, *, lr: float, weight_decay: float,
-                 lr_mult: Mapping[str, float] | None = None) -> list[dict]:
+                 lr_mult: Mapping[str, float] | None = None, first_conv: str | None = None) -> list[dict]:
     """One group per trainable weight and bias, layer by layer in definition order: weights
     ``lr*m``, biases ``2*lr*m`` and no decay, where ``m`` is the layer's multiplier
     (``layer_multipliers``: Caffe's lr_mult 1/2, decay_mult 1/0). Normalisation layers
@@ -48,7 +56,7 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float,
     multiplier as ``lr_mult``, so the base rate is ``group["lr"] / group["lr_mult"]``.
     A model's ``weight_lr_scale`` (``CaffeNet.weight_lr_scale``: layer -> s) further multiplies
     that layer's weight rate by ``s`` and divides its weight decay by ``s``."""
-    mults = layer_multipliers(model, dict(lr_mult or {}))
+    mults = layer_multipliers(model, dict(lr_mult or {}), first_conv)
     scale = dict(getattr(model, "weight_lr_scale", {}))
     groups = []
     for name, layer in inner(model).named_modules():
@@ -69,10 +77,10 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float,
 
 
 def caffe_sgd(model: nn.Module, *, lr: float, momentum: float, weight_decay: float,
-              lr_step: int, gamma: float = 0.1, lr_mult: Mapping[str, float] | None = None
-              ) -> dict:
+              lr_step: int, gamma: float = 0.1, lr_mult: Mapping[str, float] | None = None,
+              first_conv: str | None = None) -> dict:
     """Lightning's ``configure_optimizers`` dict: SGD + step lr every ``lr_step`` iterations."""
-    opt = torch.optim.SGD(param_groups(model, lr=lr, weight_decay=weight_decay, lr_mult=lr_mult),
-                          lr=lr, momentum=momentum)
+    groups = param_groups(model, lr=lr, weight_decay=weight_decay, lr_mult=lr_mult, first_conv=first_conv)
+    opt = torch.optim.SGD(groups, lr=lr, momentum=momentum)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=lr_step, gamma=gamma)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -52,6 +52,20 @@ def test_kaiming_conv1_weights_learn_as_on_unit_scale_inputs() -> None:
     assert groups["fc8.weight"]["lr"] == pytest.approx(0.1)
 
 
+def test_first_conv_key_names_the_models_first_convolution() -> None:
+    """The demo recipe's lr_mult {first_conv: 10} is conv1 x10 in CaffeNet; a model config
+    without first_conv is told what to set."""
+    model = _model()
+    alias = param_groups(model, lr=0.01, weight_decay=5e-4, lr_mult={"first_conv": 10}, first_conv="conv1")
+    named = param_groups(model, lr=0.01, weight_decay=5e-4, lr_mult={"conv1": 10})
+    assert [(g["name"], g["lr"]) for g in alias] == [(g["name"], g["lr"]) for g in named]
+    assert _by_name(alias)["conv1.weight"]["lr"] == pytest.approx(0.1)
+    assert _by_name(alias)["conv2.weight"]["lr"] == pytest.approx(0.01)
+    with pytest.raises(ConfigError, match=r"lr_mult names first_conv, but the model config sets no "
+                                          r"first_conv; expected model.first_conv="):
+        param_groups(model, lr=0.01, weight_decay=5e-4, lr_mult={"first_conv": 10})
+
+
 def test_frozen_layers_leave_the_optimizer() -> None:
     model = _model().train()
     frozen = ("conv1", "conv2", "conv3")
