@@ -1,8 +1,12 @@
 """The demo data and the demo recipe teach a network something a random one does not have.
 
 Slow (about 2-3 min on 2 CPU cores): a short pretraining of the demo-width CaffeNet with the
-demo scale's recipe (``init=kaiming``, its lr) on a reduced demo set, then the image-classification
-probe at pool5 of that network and of a random one (the same initialisation, untrained).
+demo scale's recipe (``init=kaiming``, its lr) on a reduced demo set, then the ground-truth-box
+classification probe at pool5 of that network and of a random one (the same initialisation,
+untrained). GT boxes, not whole images: 300 steps end about where the full demo's loss starts to
+fall (step ~400 of 1240), and at that point the object-level probe already separates the two
+while whole-image classification (objects in clutter) does not yet (pretrained 16.1 vs random
+13.4 mAP at pool5 in one trial).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ def test_brief_pretraining_beats_random_at_pool5(tmp_path: Path) -> None:
                        "recipe.pretrain.snapshots=[]"], run, tmp_path))
     maps = {}
     for name, spec in (("pretrained", run / "checkpoints" / "last.ckpt"), ("random", "random")):
-        cfg = compose_cfg([*COMMON, f"checkpoint={spec}", "analyses=[probe_cls]", "layers=[pool5]",
+        cfg = compose_cfg([*COMMON, f"checkpoint={spec}", "analyses=[probe_gtbox]", "layers=[pool5]",
                            "progress=false"], tmp_path / name, tmp_path, name="analyze")
-        maps[name] = next(iter(analyze(cfg).values()))["probe_cls/pool5/mAP"]
-    assert maps["pretrained"] > maps["random"] + 0.03, maps
+        maps[name] = next(iter(analyze(cfg).values()))["probe_gtbox/pool5/mAP"]
+    assert maps["pretrained"] > maps["random"] + 0.05, maps

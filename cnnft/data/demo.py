@@ -1,5 +1,8 @@
 """Deterministic generator of the demo data, written in the real ImageNet and VOC2007 layouts.
 
+(Over 400 lines with this docstring: the design below and the drawing code that implements it
+are read together; a change to the drawing bumps ``GENERATOR_VERSION``, which keys the data.)
+
 Design: the class of an object is in the *arrangement* of its parts, never in its colour or
 texture, so that a network has to learn shapes and their spatial composition, as on real images.
 

@@ -1,5 +1,6 @@
 """Region proposals of VOC images: OpenCV-contrib selective search (cached per image) or R-CNN's
-published boxes read from a MATLAB file. Settings: the ``conf/proposals`` group.
+published boxes read from a MATLAB file. Settings: the ``conf/proposals`` group. (Over 400
+lines: the two sources of one contract, their cache and their input checks, read together.)
 
 Selective search follows R-CNN's MATLAB "fast" mode (``rcnn/selective_search/
 selective_search_boxes.m``): Felzenszwalb-Huttenlocher segmentations with k in {50, 100}, minimum
