@@ -208,3 +208,19 @@ def test_every_analysis_runs_on_another_network(family: str, tmp_path: Path, dat
     assert results["unit_selectivity"]["rows"] and results["unit_count"]["rows"]
     assert (out / "figures").is_dir() and any((out / "figures").glob("filter_viz*.png"))
     assert OmegaConf.select(cfg, "model.family") in ("torchvision", "custom")
+
+
+def test_bad_input_std_weights_file_and_head_are_named(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"model.input_std=\[1.0, 0.0, 1.0\]; expected three positive "
+                                          r"floats"):
+        build_network(custom_model(input_std=[1.0, 0.0, 1.0]))
+    ckpt = tmp_path / "run.ckpt"
+    torch.save({"state_dict": {"net.fc.weight": torch.zeros(1)}, "epoch": 0}, ckpt)
+    with pytest.raises(CheckpointError, match=r"model.weights=.*run.ckpt is a training checkpoint; "
+                                              r"expected a plain state dict"):
+        build_network(custom_model(weights=str(ckpt)))
+    with pytest.raises(ConfigError, match=r"model.head='nosuch' is not a layer of "
+                                          r"tests.test_models.SmallNet; valid layers: \['stem'"):
+        replace_head(build_network(custom_model(head="nosuch")), 21)
+    with pytest.raises(ConfigError, match=r"model.head='pool' is a AdaptiveAvgPool2d; expected an nn.Linear"):
+        replace_head(build_network(custom_model(head="pool")), 21)
