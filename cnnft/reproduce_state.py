@@ -223,7 +223,8 @@ def run_info(cfg: DictConfig) -> dict[str, Any]:
     data = OmegaConf.select(cfg, "data", default={}) or {}
     return {"scale": str(cfg.scale.name), "imagenet_root": str(data.get("imagenet_root", "")),
             "voc_root": str(data.get("voc_root", "")), "pretrained": cfg.pretrained,
-            "model": model_label(cfg.model)}
+            "model": model_label(cfg.model), "probe_layers": list(cfg.model.probe_layers),
+            "unit_layer": str(cfg.model.unit_layer)}
 
 
 def call_info(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]:

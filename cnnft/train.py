@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -235,7 +236,9 @@ def check_network(cfg: DictConfig) -> None:
     model = plain(cfg.model)
     if family(model) == "caffenet":
         return
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        # loading the starting weights checks their names and shapes; copying them is the no-op
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter", category=UserWarning)
         net = training_network(model, 2, cfg.pretrained)
     resolve(net, FreezeScheme(**plain(cfg.freeze), valid=freezable(net)))
 

@@ -19,7 +19,7 @@ from cnnft.errors import DataError
 from cnnft.report import build_report
 from cnnft.report.claims import CLAIMS, PaperNumbers, evaluate_claims
 from cnnft.report.load import load_results
-from cnnft.report.paper import LAYERS, paper_tables
+from cnnft.report.paper import LAYERS, layer_roles, paper_tables
 from cnnft.report.tables import build_tables, missing_results
 
 NETS = ("pretrained", "finetune_all", "finetune_fc", "fifty_fifty", "random")
@@ -270,3 +270,41 @@ def test_baselines_section_puts_the_control_next_to_random() -> None:
     assert "| low-level control: colour histograms | 14.0 | 14.0 | 7.8 | 7.8 |" in md
     assert "| low-level control: gradient histograms | n/a | n/a | n/a | n/a |" in md
     assert baselines_md(Results()) == ""
+
+
+VGG16_TAPS = ["features.4", "features.9", "features.16", "features.23", "features.30", "classifier.1",
+              "classifier.4"]
+
+
+def test_layer_roles_of_other_models() -> None:
+    """Seven probe layers take the paper's seven roles in order; fewer take pool5 (the unit
+    layer) and relu7 (the last probe layer after it) only; CaffeNet keeps its names."""
+    assert layer_roles(list(LAYERS), "pool5") == {layer: layer for layer in LAYERS}
+    assert layer_roles(VGG16_TAPS, "features.30") == dict(zip(LAYERS, VGG16_TAPS))
+    resnet = ["maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"]
+    assert layer_roles(resnet, "layer4") == {"pool5": "layer4", "relu7": "avgpool"}
+    assert layer_roles(["block", "pool"], "pool") == {"pool5": "pool"}
+
+
+def test_another_models_layers_fill_the_paper_rows(tmp_path: Path) -> None:
+    """A VGG16 run's rows (its own layer names) land in the rows of the layer whose role they
+    play; the header names the mapping and the rows keep their own name as model_layer."""
+    root = tmp_path / "root"
+    out = root / "analyze" / "pretrained"
+    _write(out, "probe_cls", _ap_rows(VGG16_TAPS, ["unroll", "shuffle"], 0.3))
+    _write(out, "probe_gtbox", _ap_rows(VGG16_TAPS, ["unroll"], 0.4))
+    (root / "reproduce.json").write_text(json.dumps({
+        "scale": "demo", "model": "vgg16", "probe_layers": VGG16_TAPS, "unit_layer": "features.30",
+        "units": {}}))
+    res = load_results([root])
+    mean = {r["model_layer"]: 100 * r["ap"] for r in res.rows("pretrained", "probe_gtbox")
+            if r["class"] == "mAP"}
+    assert res.ap("probe_gtbox", "pretrained", "pool5") == pytest.approx(mean["features.30"])
+    assert res.ap("probe_cls", "pretrained", "relu7", "shuffle") is not None
+    assert res.model_layer("pool5") == "features.30"
+    build_report([root], tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "pool-5 = `features.30`" in md and "relu-7 = `classifier.4`" in md
+    assert f"| pool-5 | {mean['features.30']:.1f} (79.1) |" in _section(md, "Table 1")
+    t4 = _section(md, "Table 4")
+    assert re.search(r"\| pool-5 \| [0-9.]+ \(\d+\.\d\) \| [0-9.]+ \(", t4), t4

@@ -244,6 +244,12 @@ def test_reproduce_runs_the_pipeline_on_another_model(data_dir: Path, tmp_path: 
     assert "| **model** | `tests.test_models.SmallNet` |" in md
     assert "> **Model: tests.test_models.SmallNet.** The paper used CaffeNet" in md
     assert "(CaffeNet's: the paper used CaffeNet)" in md and "paper's numbers (CaffeNet)" in md
+    # its layers in the paper's rows: pool5 = the unit layer, relu7 = the last probe layer
+    assert "pool-5 = `block`, relu-7 = `pool`" in md
+    margins = json.loads((root / "report" / "tables" / "baseline_margins.json").read_text())["rows"]
+    image = {r["layer"]: r for r in margins
+             if r["task"] == "image classification" and r["baseline"] == "random init"}
+    assert image["pool5"]["margin"] is not None and image["relu7"]["margin"] is not None, image
 
 
 def test_a_state_dict_of_another_model_is_wrapped_for_analysis(tmp_path: Path, data_dir: Path) -> None:

@@ -19,7 +19,7 @@ from cnnft.report.claims import ClaimResult, evaluate_claims
 from cnnft.report.figures import FIGURES
 from cnnft.report.load import Results, load_results
 from cnnft.report.margins import CRITERION, LEVEL, SAMPLES, margin_rows, margins_table, write_margins
-from cnnft.report.paper import NETWORK_TITLE, NETWORKS
+from cnnft.report.paper import NETWORK_TITLE, NETWORKS, PAPER_LAYER
 from cnnft.report.tables import Table, build_tables, missing_results
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,12 @@ def header_md(res: Results) -> str:
     model = str(info.get("model") or "caffenet")
     lines = ["# Reproduction report: Agrawal, Girshick, Malik 2014", ""]
     if model != "caffenet":
+        roles = ", ".join(f"{PAPER_LAYER[p]} = `{m}`" for p, m in res.roles.items()) or "none"
         lines += [f"> **Model: {model}.** The paper used CaffeNet: every paper number here (in "
-                  "parentheses, and the claims' \"paper's numbers\") is CaffeNet's. Table rows named after "
-                  "CaffeNet's layers (pool1 ... relu7) read `n/a` where this model has no layer of that "
-                  "name; its own layers' results are in the analyses' `results/` files.", ""]
+                  "parentheses, and the claims' \"paper's numbers\") is CaffeNet's. Rows named after "
+                  f"CaffeNet's layers hold this model's layer in the same role ({roles}); a role this model "
+                  "has no layer for reads `n/a`. Every layer's results are in the analyses' `results/` "
+                  "files.", ""]
     if scale != "paper":
         lines += [f"> **Scale: {scale}.** These numbers come from the `{scale}` setting (a small network on "
                   "generated data), not from the paper's setup; they show that the pipeline runs and what it "

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from cnnft.errors import DataError
 from cnnft.models.build import model_label
 from cnnft.plotting import read_metrics_csv
-from cnnft.report.paper import network_of
+from cnnft.report.paper import LAYERS, layer_roles, network_of
 from cnnft.scores import SUFFIX
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,13 @@ class Results:
     info: dict[str, Any] = field(default_factory=dict)
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     sources: list[Path] = field(default_factory=list)
+    #: paper layer -> the model's layer in that role, for a model other than CaffeNet
+    #: (``cnnft.report.paper.layer_roles``); loaded rows already carry the paper's names
+    roles: dict[str, str] = field(default_factory=dict)
+
+    def model_layer(self, layer: str) -> str:
+        """The model's name for a paper layer (the key in score files)."""
+        return self.roles.get(layer, layer)
 
     def rows(self, network: str, analysis: str) -> list[dict[str, Any]]:
         return list(self.tables.get(network, {}).get(analysis, {}).get("rows", []))
@@ -213,8 +220,25 @@ def _info_from_config(run: Path) -> dict[str, Any]:
     if not cfg:
         return {}
     data = cfg.get("data") or {}
+    model = cfg.get("model") or {}
     return {"scale": (cfg.get("scale") or {}).get("name"), "imagenet_root": data.get("imagenet_root"),
-            "voc_root": data.get("voc_root"), "model": model_label(cfg.get("model") or {})}
+            "voc_root": data.get("voc_root"), "model": model_label(model),
+            "probe_layers": model.get("probe_layers"), "unit_layer": model.get("unit_layer")}
+
+
+def align_layers(res: Results) -> None:
+    """For a model other than CaffeNet, name each loaded row's layer by the paper layer whose role
+    it plays (``layer_roles``; its own name kept as ``model_layer``), so tables, claims and
+    figures read it; rows of layers without a role keep their names."""
+    roles = layer_roles(res.info.get("probe_layers"), res.info.get("unit_layer"))
+    if roles == {layer: layer for layer in LAYERS}:
+        return
+    res.roles = roles
+    paper_of = {model: paper for paper, model in roles.items()}
+    payloads = [p for by_name in (*res.tables.values(), *res.snapshots.values()) for p in by_name.values()]
+    for payload in payloads:
+        payload["rows"] = [{**row, "layer": paper_of[row["layer"]], "model_layer": row["layer"]}
+                           if row.get("layer") in paper_of else row for row in payload["rows"]]
 
 
 def split_spec(spec: str | Path) -> tuple[str | None, Path]:
@@ -236,6 +260,7 @@ def load_results(dirs: list[str | Path]) -> Results:
         res.sources.append(path)
         _load_one(res, path, name)
     res.info.setdefault("commit", git_commit())
+    align_layers(res)
     return res
 
 

@@ -95,20 +95,20 @@ def margin_rows(res: Results, *, samples: int = SAMPLES, seed: int = SEED) -> li
         return loaded[network, analysis, prefix]
 
     for analysis, title, control_task in TASKS:
-        comparisons = [(layer, NETWORK_TITLE["random"], "random", f"{layer}/unroll") for layer in LAYERS]
+        comparisons = [(layer, NETWORK_TITLE["random"], "random") for layer in LAYERS]
         if control_task:
-            comparisons.append(("pool5", f"{NETWORK_TITLE['control']}: strongest features", "control", None))
-        for layer, label, network, key_b in comparisons:  # label: replaced by the feature set found
+            comparisons.append(("pool5", f"{NETWORK_TITLE['control']}: strongest features", "control"))
+        for layer, label, network in comparisons:  # label: replaced by the feature set found
             try:
                 a = load("pretrained", analysis)
+                key_a = key_b = f"{res.model_layer(layer)}/unroll"  # score files keep the model's names
                 if network == "control":
                     b = load("control", "lowlevel_control", f"{control_task}/")
                     key_b = strongest(b)
                     label = f"{NETWORK_TITLE['control']}: {key_b} histograms"
                 else:
                     b = load(network, analysis)
-                rows.append(_row(title, layer, label, a, f"{layer}/unroll", b, key_b,
-                                 samples=samples, seed=seed))
+                rows.append(_row(title, layer, label, a, key_a, b, key_b, samples=samples, seed=seed))
             except (LookupError, DataError, ValueError) as e:
                 rows.append({"task": title, "layer": layer, "baseline": label, "holds": None,
                              "note": str(e)})

@@ -4,6 +4,7 @@ the names that connect them to ours: layers, networks, classes, iterations."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -13,6 +14,27 @@ LAYERS = ("pool1", "pool2", "relu3", "relu4", "pool5", "relu6", "relu7")
 PAPER_LAYER = {"pool1": "pool-1", "pool2": "pool-2", "relu3": "relu-3", "relu4": "relu-4",
                "pool5": "pool-5", "relu6": "relu-6", "relu7": "relu-7"}
 PAPER_LAYER_CONV = {**PAPER_LAYER, "relu3": "conv-3", "relu4": "conv-4"}
+
+
+
+def layer_roles(probe_layers: Sequence[str] | None, unit_layer: str | None = None) -> dict[str, str]:
+    """Which of a model's layers plays each paper layer's role in the tables (paper layer ->
+    model layer), so that one report layout serves any network. CaffeNet: its own names. Seven
+    probe layers: in order (pool1 ... relu7; e.g. VGG16's five pooled blocks and two fc layers).
+    Otherwise only two roles: pool5 is ``unit_layer`` (the last convolutional block) and relu7
+    the last probe layer when it comes after it (the representation the classifier reads)."""
+    if not probe_layers or list(probe_layers) == list(LAYERS):
+        return {layer: layer for layer in LAYERS}
+    layers = list(probe_layers)
+    if len(layers) == len(LAYERS):
+        return dict(zip(LAYERS, layers))
+    roles = {}
+    if unit_layer:
+        roles["pool5"] = unit_layer
+    if unit_layer in layers and layers.index(unit_layer) < len(layers) - 1:
+        roles["relu7"] = layers[-1]
+    return roles
+
 
 #: Our network names and the paper's.
 NETWORKS = ("pretrained", "finetune_all", "finetune_fc", "fifty_fifty", "random", "control")
