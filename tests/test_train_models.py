@@ -291,3 +291,25 @@ def test_a_run_from_before_the_model_group_resumes() -> None:
     assert now["freeze"]["upto"] is None  # the given config is not changed
     moved = without_introduced({**now, "freeze": {**saved["freeze"], "upto": "conv3"}}, saved)
     assert _select(moved, "freeze") != _select(saved, "freeze")  # a new value is a different run
+
+
+def test_snapshot_probes_of_a_custom_network(tiny_cfg, tmp_path: Path, data_dir: Path) -> None:
+    """snapshot_eval on a user's module: probes of its own layers at each pretraining snapshot,
+    during training and from its snapshots directory afterwards, with the same numbers."""
+    from cnnft.analyze import analyze
+
+    out = tmp_path / "pretrain"
+    probe = ["probe.c_grid=[1.0]", "probe.folds=2"]
+    train(tiny_cfg(*CUSTOM, *probe, "recipe.pretrain.max_steps=2", "recipe.pretrain.snapshots=[1,2]",
+                   "analyses=[snapshot_eval]", output_dir=out))
+    during = {(r["layer"], r["iteration"]): r["map"]
+              for r in json.loads((out / "results" / "snapshot_eval.json").read_text())["rows"]}
+    assert sorted(during) == [("block", 1), ("block", 2), ("pool", 1), ("pool", 2)]
+    assert all(0 <= v <= 1 for v in during.values())
+    cfg = compose_cfg([*TINY_DATA, *CUSTOM, *probe, "data.num_workers=0", "logger=csv", "progress=false",
+                       f"checkpoint={out / 'snapshots'}", "analyses=[snapshot_eval]"],
+                      tmp_path / "an", data_dir, name="analyze")
+    analyze(cfg)
+    after = {(r["layer"], r["iteration"]): r["map"]
+             for r in json.loads((tmp_path / "an" / "results" / "snapshot_eval.json").read_text())["rows"]}
+    assert after == pytest.approx(during)
