@@ -49,11 +49,18 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (_conf_dir() / group).glob("*.yaml"))
 
 
+@functools.lru_cache(maxsize=32)
+def _defaults_list(path: Path, mtime_ns: int) -> list[Any]:
+    """A primary config's defaults list, read once per version of the file (the help pages'
+    resolver is evaluated for every job a command composes)."""
+    return OmegaConf.to_container(OmegaConf.load(path)).get("defaults", [])  # type: ignore[union-attr]
+
+
 def default_choice(primary: str, group: str) -> str:
     """What ``conf/<primary>.yaml``'s defaults list picks for ``group``: an option, ``[a,b]`` for
     a list group, or ``none``."""
-    defaults = OmegaConf.to_container(OmegaConf.load(_conf_dir() / f"{primary}.yaml")).get("defaults", [])
-    for entry in defaults:
+    path = _conf_dir() / f"{primary}.yaml"
+    for entry in _defaults_list(path, path.stat().st_mtime_ns):
         if isinstance(entry, dict):
             for key, value in entry.items():
                 if key.replace("optional ", "").replace("override ", "").strip() == group:

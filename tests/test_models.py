@@ -193,7 +193,7 @@ def test_every_analysis_runs_on_another_network(family: str, tmp_path: Path, dat
     out = tmp_path / "run"
     cfg = compose_cfg([*TINY_DATA, *model, f"analyses={ANALYSES}", "ablations=[unroll,spatial_max]",
                        "logger=csv", "data.num_workers=0", "probe.c_grid=[1.0]", "probe.folds=2",
-                       "model.context_pad=3", "model.proposal_max_boxes=20", "progress=false",
+                       "model.context_pad=3", "progress=false",
                        "analyses.detection.max_proposals=20", "analyses.unit_count.ks=[1,2]",
                        "analyses.unit_selectivity.num_thresholds=20"], out, data_dir, name="analyze")
     analyze(cfg)
