@@ -76,7 +76,18 @@ def group_options(group: str, primary: str | None = None) -> str:
     return f"{text} (default: {default_choice(primary, group)})" if primary else text
 
 
+def role_layers(roles: Sequence[str], probe_layers: Sequence[str], unit_layer: str | None) -> str:
+    """``${cnnft.role_layers:[pool5,relu7],${model.probe_layers},${model.unit_layer}}``: the
+    model's layers in those paper layers' roles (``cnnft.report.paper.layer_roles``) as a list
+    override value, e.g. ``[features.30,classifier.4]`` for VGG16; roles it lacks are left out."""
+    from cnnft.report.paper import layer_roles
+
+    found = layer_roles(list(probe_layers), unit_layer)
+    return "[" + ",".join(found[r] for r in roles if r in found) + "]"
+
+
 OmegaConf.register_new_resolver("cnnft.options", group_options, replace=True)
+OmegaConf.register_new_resolver("cnnft.role_layers", role_layers, replace=True)
 
 
 def check_group_choices(args: Sequence[str]) -> None:

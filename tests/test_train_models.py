@@ -313,3 +313,16 @@ def test_snapshot_probes_of_a_custom_network(tiny_cfg, tmp_path: Path, data_dir:
     after = {(r["layer"], r["iteration"]): r["map"]
              for r in json.loads((tmp_path / "an" / "results" / "snapshot_eval.json").read_text())["rows"]}
     assert after == pytest.approx(during)
+
+
+@pytest.mark.parametrize(("model", "layers"), [([], "[pool5,relu7]"),
+                                               (["model=vgg16"], "[features.30,classifier.4]"),
+                                               (["model=resnet50"], "[layer4,avgpool]"),
+                                               (CUSTOM, "[block,pool]")])
+def test_random_networks_detection_runs_at_the_models_roles(model: list[str], layers: str) -> None:
+    """cnnft-reproduce detects with the random network at the layers in pool5's and relu7's roles
+    (the report's margins), named as the model names them."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("reproduce", overrides=model)
+    assert list(cfg.networks.random.overrides.detection) == [f"layers={layers}"]
