@@ -16,7 +16,6 @@ PAPER_LAYER = {"pool1": "pool-1", "pool2": "pool-2", "relu3": "relu-3", "relu4":
 PAPER_LAYER_CONV = {**PAPER_LAYER, "relu3": "conv-3", "relu4": "conv-4"}
 
 
-
 def layer_roles(probe_layers: Sequence[str] | None, unit_layer: str | None = None) -> dict[str, str]:
     """Which of a model's layers plays each paper layer's role in the tables (paper layer ->
     model layer), so that one report layout serves any network. CaffeNet: its own names. Seven
