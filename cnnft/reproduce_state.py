@@ -224,7 +224,7 @@ def run_info(cfg: DictConfig) -> dict[str, Any]:
     return {"scale": str(cfg.scale.name), "imagenet_root": str(data.get("imagenet_root", "")),
             "voc_root": str(data.get("voc_root", "")), "pretrained": cfg.pretrained,
             "model": model_label(cfg.model), "probe_layers": list(cfg.model.probe_layers),
-            "unit_layer": str(cfg.model.unit_layer)}
+            "unit_layer": str(cfg.model.unit_layer), "first_conv": str(cfg.model.first_conv)}
 
 
 def call_info(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]:

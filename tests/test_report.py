@@ -293,9 +293,14 @@ def test_another_models_layers_fill_the_paper_rows(tmp_path: Path) -> None:
     out = root / "analyze" / "pretrained"
     _write(out, "probe_cls", _ap_rows(VGG16_TAPS, ["unroll", "shuffle"], 0.3))
     _write(out, "probe_gtbox", _ap_rows(VGG16_TAPS, ["unroll"], 0.4))
+    (root / "pretrain" / "snapshots").mkdir(parents=True)
+    for it in (10, 620):  # a snapshot of a TappedNet: the model's names under net.module.
+        torch.save({"cnnft": {"arch": {"family": "torchvision", "name": "vgg16"}},
+                    "state_dict": {"net.module.features.0.weight": torch.randn(8, 3, 3, 3)}},
+                   root / "pretrain" / "snapshots" / f"iter_{it:07d}.ckpt")
     (root / "reproduce.json").write_text(json.dumps({
         "scale": "demo", "model": "vgg16", "probe_layers": VGG16_TAPS, "unit_layer": "features.30",
-        "units": {}}))
+        "first_conv": "features.0", "units": {}}))
     res = load_results([root])
     mean = {r["model_layer"]: 100 * r["ap"] for r in res.rows("pretrained", "probe_gtbox")
             if r["class"] == "mAP"}
@@ -306,5 +311,7 @@ def test_another_models_layers_fill_the_paper_rows(tmp_path: Path) -> None:
     md = (tmp_path / "report" / "report.md").read_text()
     assert "pool-5 = `features.30`" in md and "relu-7 = `classifier.4`" in md
     assert f"| pool-5 | {mean['features.30']:.1f} (79.1) |" in _section(md, "Table 1")
+    assert "could not be drawn" not in md  # Figure 5: the model's first convolution
+    assert (tmp_path / "report" / "figures" / "figure5_training.png").stat().st_size > 5000
     t4 = _section(md, "Table 4")
     assert re.search(r"\| pool-5 \| [0-9.]+ \(\d+\.\d\) \| [0-9.]+ \(", t4), t4

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cnnft.errors import DataError
 from cnnft.plotting import filter_grid, pyplot, show_filter_grid
 from cnnft.report.load import Results
 from cnnft.report.paper import CLASS_SHORT, LAYERS, PAPER_LAYER, PAPER_PRETRAIN_ITERATIONS
@@ -82,11 +83,16 @@ def figure4(res: Results) -> Any | None:
     return fig
 
 
-def _conv1_grid(path: Any) -> Any:
-    """conv1 filters of a checkpoint as one image (``cnnft.plotting.filter_grid``)."""
+def _conv1_grid(path: Any, first_conv: str = "conv1") -> Any:
+    """The first convolution's filters of a checkpoint as one image (``cnnft.plotting.filter_grid``):
+    ``conv1`` in CaffeNet, ``model.first_conv`` in another model (its weights under ``module.``)."""
     from cnnft.checkpoint import model_state, read_checkpoint
 
-    return filter_grid(model_state(read_checkpoint(path), path)["conv1.weight"])
+    state = model_state(read_checkpoint(path), path)
+    for key in (f"{first_conv}.weight", f"module.{first_conv}.weight"):
+        if key in state:
+            return filter_grid(state[key])
+    raise DataError(f"{path} has no weights of the first convolution {first_conv!r} (model.first_conv)")
 
 
 def figure5(res: Results) -> Any | None:
@@ -104,6 +110,8 @@ def figure5(res: Results) -> Any | None:
             best = min(iterations, key=lambda it: abs(it - target))
             if best not in picks:
                 picks.append(best)
+    first_conv = str(res.info.get("first_conv") or "conv1")
+    title = "conv1" if first_conv == "conv1" else f"conv1 ({first_conv})"
     plt = pyplot()
     # grids above, curves below, each row a sub-figure laid out on its own (subplots of a 2x3 and
     # a 2x2 grid in one figure overlapped: the grids covered the curves' titles)
@@ -114,16 +122,18 @@ def figure5(res: Results) -> Any | None:
         for ax, it in zip(top.subplots(1, 3), [*picks, None, None]):
             ax.axis("off")
             if it is not None:
-                show_filter_grid(ax, _conv1_grid(res.snapshot_files[it]), f"conv1 at iteration {it}",
-                                 fontsize=9)
-    ax, right = bottom.subplots(1, 2)
-    if loss:
-        ax.plot(*loss, lw=0.8)
-    ax.set(xlabel="iteration", ylabel="training loss", title="training loss")
-    ax = right
-    if top1:
-        ax.plot(top1[0], 100 * top1[1], marker=".")
-    ax.set(xlabel="iteration", ylabel="top-1 (%)", title="validation top-1 (ImageNet layout)")
+                show_filter_grid(ax, _conv1_grid(res.snapshot_files[it], first_conv),
+                                 f"{title} at iteration {it}", fontsize=9)
+    left, right = bottom.subplots(1, 2)
+    for ax, curve, scale, ylabel, title, style in (
+            (left, loss, 1, "training loss", "training loss", {"lw": 0.8}),
+            (right, top1, 100, "top-1 (%)", "validation top-1 (ImageNet layout)", {"marker": "."})):
+        ax.set(xlabel="iteration", ylabel=ylabel, title=title)
+        if curve:
+            ax.plot(curve[0], scale * curve[1], **style)
+        else:  # no empty axes: say what is missing
+            ax.text(0.5, 0.5, f"no {title} logged", ha="center", va="center", transform=ax.transAxes)
+            ax.set(xticks=[], yticks=[])
     fig.suptitle("Fig. 5: conv1 filters during pretraining; training loss and validation accuracy")
     return fig
 

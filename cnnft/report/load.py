@@ -211,8 +211,9 @@ def _add_root(res: Results, root: Path) -> None:
         res.info = {**{k: v for k, v in data.items() if k != "units"},
                     **{k: latest[k] for k in ("commit", "machine") if k in latest},
                     "calls": calls, **res.info}
-    if not res.info.get("scale"):
-        res.info.update(_info_from_config(root / "pretrain"))
+    for key, value in _info_from_config(root / "pretrain").items():  # what reproduce.json lacks
+        if res.info.get(key) is None:
+            res.info[key] = value
 
 
 def _info_from_config(run: Path) -> dict[str, Any]:
@@ -223,7 +224,8 @@ def _info_from_config(run: Path) -> dict[str, Any]:
     model = cfg.get("model") or {}
     return {"scale": (cfg.get("scale") or {}).get("name"), "imagenet_root": data.get("imagenet_root"),
             "voc_root": data.get("voc_root"), "model": model_label(model),
-            "probe_layers": model.get("probe_layers"), "unit_layer": model.get("unit_layer")}
+            "probe_layers": model.get("probe_layers"), "unit_layer": model.get("unit_layer"),
+            "first_conv": model.get("first_conv")}
 
 
 def align_layers(res: Results) -> None:
