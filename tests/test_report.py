@@ -315,3 +315,14 @@ def test_another_models_layers_fill_the_paper_rows(tmp_path: Path) -> None:
     assert (tmp_path / "report" / "figures" / "figure5_training.png").stat().st_size > 5000
     t4 = _section(md, "Table 4")
     assert re.search(r"\| pool-5 \| [0-9.]+ \(\d+\.\d\) \| [0-9.]+ \(", t4), t4
+
+
+def test_a_snapshot_without_the_first_convolution_is_named(tmp_path: Path) -> None:
+    from cnnft.report.figures import _conv1_grid
+
+    path = tmp_path / "iter_0000010.ckpt"
+    torch.save({"cnnft": {}, "state_dict": {"net.module.stem.weight": torch.zeros(4, 3, 3, 3)}}, path)
+    with pytest.raises(DataError, match=r"iter_0000010.ckpt has no weights of the first convolution "
+                                        r"'features.0' \(model.first_conv\)"):
+        _conv1_grid(path, "features.0")
+    assert _conv1_grid(path, "stem").ndim == 3  # the model's names under module.
